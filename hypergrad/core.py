@@ -1,0 +1,911 @@
+"""The engine: differentiable optimizers whose hyperparameters are tensors, learned online.
+
+One optimizer is one *level*. A level updates its parameters in place with an update rule
+``update(p, g, state, h, opts) -> (new_p, new_state)``, a pure function of the parameter, its
+gradient, its state and the hyperparameter values ``h``. A level constructed with ``hyper=``
+learns its hyperparameters: the level above treats them as its parameters, and their gradient,
+the *hyper-gradient*, is the one-step quantity
+
+    d f_t(x_{t-1}) / d q  =  < g_t ,  d x_{t-1} / d q >
+
+where ``x_{t-1}`` is the parameter value produced by the previous update (computed with
+``q``), and ``g_t`` the gradient at that value. Everything the previous update read (old
+parameter, gradient, state) is treated as a constant (one-step scheme, as in Chandra et al.).
+
+Step ``t`` of a stack of levels ``1..N``:
+
+1. bottom-up, each level ``k < N`` computes the hyper-gradients of its learned
+   hyperparameters from its parameters' gradients and what it recorded at step ``t-1``;
+   level 1's parameters' gradients are the model's, level ``k+1``'s are level ``k``'s
+   hyper-gradients;
+2. top-down, each level ``k+1`` updates level ``k``'s hyperparameters with them, and level
+   ``k`` projects them into their bounds;
+3. level 1 updates the model parameters in place with the new hyperparameters.
+
+Two ways compute the hyper-gradient of step 1. The *generic* path (this module) records the
+inputs of each update and, at the next step, differentiates the update rule with autograd
+(a vector-Jacobian product with ``g_t``): it works for any rule and is the reference. A rule may
+add a *fast* path with closed forms (see :mod:`hypergrad.fast`), tested to agree with it.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Hyper",
+    "HyperOptimizer",
+    "SCOPES",
+    "REPARAMS",
+    "hyper_dtype",
+]
+
+SCOPES = ("group", "shared", "tensor", "element")
+REPARAMS = (None, "log", "logit")
+
+# Keys of the per-parameter state that belong to the engine, not to the rule.
+_RECORD = "hg_prev"
+
+
+# --------------------------------------------------------------------------------------------
+# Hyperparameter specifications
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Specification of one hyperparameter of an update rule.
+
+    ``key`` says where torch users find it in a param group: ``"lr"`` or ``("betas", 0)``.
+    The *domain* ``[lo, hi]`` (ends open where ``lo_open``/``hi_open``) is what a constructor
+    accepts. ``bounds`` are the default projection bounds of a *learned* value (``None`` ends
+    fall back to the domain; an open end of the domain must be given a closed bound here).
+    """
+
+    name: str
+    key: str | tuple[str, int]
+    lo: float = 0.0
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    learnable: bool = True
+    default_learn: bool = True
+    bounds: tuple[float | None, float | None] = (None, None)
+    auto_reparam: str | None = None
+    doc: str = ""
+
+    @property
+    def label(self) -> str:
+        if isinstance(self.key, str):
+            return self.name if self.key == self.name else f"{self.name} ({self.key})"
+        return f"{self.name} ({self.key[0]}[{self.key[1]}])"
+
+    def domain_str(self) -> str:
+        lo = "-inf" if self.lo == -math.inf else _fmt(self.lo)
+        hi = "inf" if self.hi == math.inf else _fmt(self.hi)
+        return f"{'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+    def in_domain(self, v: float) -> bool:
+        if math.isnan(v):
+            return False
+        ok_lo = v > self.lo if self.lo_open else v >= self.lo
+        ok_hi = v < self.hi if self.hi_open else v <= self.hi
+        return ok_lo and ok_hi
+
+    def default_bounds(self) -> tuple[float, float]:
+        lo, hi = self.bounds
+        lo = self.lo if lo is None else lo
+        hi = self.hi if hi is None else hi
+        return float(lo), float(hi)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+# --------------------------------------------------------------------------------------------
+# Reparameterizations: the level above optimizes raw z, the rule uses q = T(z)
+# --------------------------------------------------------------------------------------------
+
+
+class _Transform:
+    name: str | None = None
+
+    def fwd(self, z: Tensor) -> Tensor:  # q = T(z)
+        return z
+
+    def inv(self, q: Tensor) -> Tensor:  # z = T^-1(q)
+        return q
+
+    def inv_float(self, q: float) -> float:
+        return q
+
+    def dq_dz(self, q: Tensor) -> Tensor | float:
+        return 1.0
+
+
+class _Log(_Transform):
+    name = "log"
+
+    def fwd(self, z):
+        return torch.exp(z)
+
+    def inv(self, q):
+        return torch.log(q)
+
+    def inv_float(self, q):
+        return math.log(q) if q > 0 else -math.inf
+
+    def dq_dz(self, q):
+        return q
+
+
+class _Logit(_Transform):
+    name = "logit"
+
+    def fwd(self, z):
+        return torch.sigmoid(z)
+
+    def inv(self, q):
+        return torch.logit(q)
+
+    def inv_float(self, q):
+        if q <= 0:
+            return -math.inf
+        if q >= 1:
+            return math.inf
+        return math.log(q) - math.log1p(-q)
+
+    def dq_dz(self, q):
+        return q * (1 - q)
+
+
+_TRANSFORMS = {None: _Transform(), "log": _Log(), "logit": _Logit()}
+
+
+def hyper_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype of hyperparameters for parameters of these dtypes: theirs, never below float32."""
+    out = torch.float32
+    for d in dtypes:
+        if d.is_complex:
+            raise TypeError("complex parameters are not supported by hypergrad optimizers")
+        if d.is_floating_point and torch.finfo(d).bits > torch.finfo(out).bits:
+            out = d
+    return out
+
+
+class HyperVar:
+    """The live tensors of one hyperparameter of one scope (a group, all groups, ...).
+
+    ``value[i]`` is what the rule reads (and what torch users find in the param group);
+    ``raw[i]`` is what the level above optimizes (the same tensors without a reparameterization).
+    There is one tensor for the ``group``/``shared`` scopes and one per parameter for
+    ``tensor``/``element``.
+    """
+
+    __slots__ = ("spec", "scope", "learned", "transform", "lo", "hi", "lo_raw", "hi_raw",
+                 "value", "raw", "versions", "grad", "__weakref__")
+
+    def __init__(self, spec: Hyper, scope: str, learned: bool, transform: _Transform,
+                 bounds: tuple[float, float], values: list[Tensor]):
+        self.spec = spec
+        self.scope = scope
+        self.learned = learned
+        self.transform = transform
+        self.lo, self.hi = bounds
+        self.lo_raw = transform.inv_float(self.lo)
+        self.hi_raw = transform.inv_float(self.hi)
+        self.value = values
+        self.raw = values if transform.name is None else [transform.inv(v) for v in values]
+        self.grad: list[Tensor | None] = [None] * len(values)
+        self.mark()
+
+    def entry(self):
+        """What the param group holds: one tensor, or a list of them (tensor/element scope)."""
+        return self.value[0] if self.scope in ("group", "shared") else list(self.value)
+
+    def mark(self):
+        self.versions = [v._version for v in self.value]
+
+    def changed_outside(self, entry) -> bool:
+        if self.scope in ("group", "shared"):
+            if entry is not self.value[0]:
+                return True
+        else:
+            if not isinstance(entry, (list, tuple)) or len(entry) != len(self.value) or any(
+                a is not b for a, b in zip(entry, self.value)
+            ):
+                return True
+        return any(v._version != n for v, n in zip(self.value, self.versions))
+
+    def refresh(self):
+        """Recompute the values from the raw tensors after the level above stepped."""
+        if self.transform.name is not None:
+            for v, r in zip(self.value, self.raw):
+                v.copy_(self.transform.fwd(r))
+        self.mark()
+
+
+# --------------------------------------------------------------------------------------------
+# The base class
+# --------------------------------------------------------------------------------------------
+
+_HG_KWARGS = ("hyper", "learn", "scope", "bounds", "reparam", "per_name")
+
+
+class HyperOptimizer(torch.optim.Optimizer):
+    """Base class of the differentiable optimizers: a ``torch.optim.Optimizer`` whose
+    hyperparameters are tensors that a level above can learn.
+
+    Subclasses declare ``hypers`` (a tuple of :class:`Hyper`), and implement ``init_state``,
+    ``update`` and ``options``. They pass the torch-style defaults and the hyper-learning
+    keyword arguments to this constructor.
+
+    Hyper-learning keyword arguments (every optimizer takes them):
+
+    hyper
+        The level above, an optimizer constructed *without* params (``hg.SGD(lr=1e-5)``),
+        itself possibly with a ``hyper``. ``None``: nothing is learned.
+    learn
+        Names of the hyperparameters to learn. Default with a ``hyper``: every hyperparameter
+        whose ``default_learn`` is set (``lr`` and the betas/momenta; ``eps``, ``weight_decay``
+        and a few others are opt-in).
+    scope
+        ``"group"`` (default: one value per param group), ``"shared"`` (one value for all
+        groups), ``"tensor"`` (one per parameter tensor) or ``"element"`` (one per parameter
+        element), or a dict from name to scope.
+    bounds
+        Dict from name to ``(lo, hi)``: the projection applied after every hyper-step
+        (``None`` ends keep the default).
+    reparam
+        Dict from name to ``"log"`` or ``"logit"``, or ``"auto"``: the level above then steps
+        ``log q`` (multiplicative updates, ``q`` stays > 0) or ``logit q`` (``q`` stays in
+        (0, 1)) instead of ``q``.
+    per_name
+        Only for a hyper level: per-name overrides of this level's own hyperparameters for the
+        hyperparameters of the level below, ``{"beta1": 5e-4}`` (a number sets ``lr``) or
+        ``{"beta1": {"lr": 5e-4, "momentum": 0.9}}``. Names without an entry share one group.
+    """
+
+    hypers: ClassVar[tuple[Hyper, ...]] = ()
+
+    # ---------------------------------------------------------------- rule interface
+    def options(self, group: dict, values: dict[str, float]) -> dict:
+        """Structural options of a group's update (python values), from the group and the
+        current hyperparameter values (as floats; learned ones as ``None``)."""
+        return {"maximize": bool(group.get("maximize", False))}
+
+    @staticmethod
+    def init_state(p: Tensor, opts: dict) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def update(p: Tensor, g: Tensor, state: dict, h: dict, opts: dict):
+        """Pure update rule: returns ``(new_p, new_state)``; must not modify its inputs."""
+        raise NotImplementedError
+
+    @staticmethod
+    def uses_param(opts: dict) -> bool:
+        """Whether ``update`` reads ``p`` in a way that depends on a hyperparameter (the
+        generic path then records a copy of ``p``)."""
+        return True
+
+    # ---------------------------------------------------------------- construction
+    def __init__(self, params, defaults: dict, **hg):
+        unknown = set(hg) - set(_HG_KWARGS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) "
+                            f"{sorted(unknown)}")
+        hyper = hg.get("hyper")
+        if hyper is not None:
+            if not isinstance(hyper, HyperOptimizer):
+                raise TypeError(f"hyper must be a hypergrad optimizer constructed without params "
+                                f"(e.g. hg.SGD(lr=1e-5)), got {type(hyper).__name__}")
+            if hyper._hg_bound or getattr(hyper, "param_groups", None):
+                raise ValueError("hyper level was given params or is already in use by another "
+                                 "optimizer: construct the hyper level without params, once per stack")
+        names = {h.name: h for h in self.hypers}
+        learn = hg.get("learn")
+        if learn is None:
+            learn = [h.name for h in self.hypers if h.default_learn and h.learnable] if hyper else []
+        else:
+            if isinstance(learn, str):
+                learn = [learn]
+            learn = list(learn)
+            for n in learn:
+                if n not in names:
+                    raise ValueError(f"learn: unknown hyperparameter {n!r} for {type(self).__name__}; "
+                                     f"known: {sorted(names)}")
+                if not names[n].learnable:
+                    raise ValueError(f"learn: {n!r} of {type(self).__name__} cannot be learned")
+            if learn and hyper is None:
+                raise ValueError(f"learn={learn} needs a hyper level to learn with: pass hyper=")
+            if hyper is not None and not learn:
+                raise ValueError("hyper was given but learn is empty: nothing for the hyper level to learn")
+        self._hg_learn = tuple(learn)
+
+        scope = hg.get("scope") or {}
+        if isinstance(scope, str):
+            scope = {n: scope for n in names}
+        for n, s in scope.items():
+            if n not in names:
+                raise ValueError(f"scope: unknown hyperparameter {n!r}; known: {sorted(names)}")
+            if s not in SCOPES:
+                raise ValueError(f"scope of {n!r} must be one of {SCOPES}, got {s!r}")
+        self._hg_scope = dict(scope)
+
+        bounds = hg.get("bounds") or {}
+        for n, b in bounds.items():
+            if n not in names:
+                raise ValueError(f"bounds: unknown hyperparameter {n!r}; known: {sorted(names)}")
+            lo, hi = b
+            dlo, dhi = names[n].default_bounds()
+            lo = dlo if lo is None else float(lo)
+            hi = dhi if hi is None else float(hi)
+            if not lo <= hi:
+                raise ValueError(f"bounds of {n!r}: lower bound {lo} is above upper bound {hi}")
+            spec = names[n]
+            for x in (lo, hi):
+                if math.isfinite(x) and not (spec.in_domain(x) or x in (spec.lo, spec.hi)):
+                    raise ValueError(f"bounds of {n!r}: {x} is outside its domain {spec.domain_str()}")
+        self._hg_bounds_arg = dict(bounds)
+
+        reparam = hg.get("reparam") or {}
+        if reparam == "auto":
+            reparam = {h.name: h.auto_reparam for h in self.hypers if h.auto_reparam}
+        elif isinstance(reparam, str):
+            raise ValueError("reparam must be a dict {name: 'log'|'logit'} or 'auto'")
+        for n, r in reparam.items():
+            if n not in names:
+                raise ValueError(f"reparam: unknown hyperparameter {n!r}; known: {sorted(names)}")
+            if r not in REPARAMS:
+                raise ValueError(f"reparam of {n!r} must be one of {REPARAMS}, got {r!r}")
+        self._hg_reparam = dict(reparam)
+
+        per_name = hg.get("per_name") or {}
+        norm = {}
+        for n, v in per_name.items():
+            norm[n] = dict(v) if isinstance(v, dict) else {"lr": v}
+        self._hg_per_name = norm
+
+        self._hg_hyper: HyperOptimizer | None = hyper
+        self._hg_defaults = defaults
+        self._hg_vars: list[dict[str, HyperVar]] = []
+        self._hg_opts: list[dict] = []
+        self._hg_shared: dict[str, HyperVar] = {}
+        self._hg_proj: dict[Tensor, tuple[float, float]] = {}
+        self._hg_below_ref = None
+        self._hg_bound = False
+        self._hg_ready = False
+        self.hyper_steps_skipped = 0
+        if params is not None:
+            self._hg_setup(params)
+        # an unbound level keeps param_groups undefined until it is bound
+
+    def _hg_setup(self, params):
+        super().__init__(params, self._hg_defaults)
+        self._hg_bound = True
+        if self._hg_hyper is not None:
+            self._hg_hyper._hg_bind(self)
+        self._hg_ready = True
+
+    # ------------------------------------------------------------- hyperparameter tensors
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._hg_make_vars(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        if self._hg_ready and self._hg_hyper is not None:
+            self._hg_hyper._hg_attach(self, [self._hg_vars[-1]])
+
+    def _hg_make_vars(self, group: dict) -> None:
+        gi = len(self._hg_vars)
+        params = group["params"]
+        where = f" (param group {gi})" if gi else ""
+        pdtypes = [p.dtype for p in params]
+        hdtype = hyper_dtype(pdtypes)
+        devices = {p.device for p in params}
+        vars: dict[str, HyperVar] = {}
+        floats: dict[str, float | None] = {}
+        for spec in self.hypers:
+            v = _get(group, spec.key)
+            scope = self._hg_scope.get(spec.name, "group")
+            learned = spec.name in self._hg_learn
+            vals = _as_floats(v, spec, where)
+            for x in vals:
+                if not spec.in_domain(x):
+                    raise ValueError(f"Invalid {spec.label} = {_fmt(x)}{where}: must be in "
+                                     f"{spec.domain_str()}")
+            transform = _TRANSFORMS[self._hg_reparam.get(spec.name)]
+            lo, hi = spec.default_bounds()
+            if spec.name in self._hg_bounds_arg:
+                blo, bhi = self._hg_bounds_arg[spec.name]
+                lo = lo if blo is None else float(blo)
+                hi = hi if bhi is None else float(bhi)
+            if learned:
+                if transform.name == "log" and lo < 0:
+                    lo = 0.0
+                if transform.name == "logit":
+                    lo, hi = max(lo, 0.0), min(hi, 1.0)
+                for x in vals:
+                    if not lo <= x <= hi:
+                        raise ValueError(
+                            f"{spec.label} = {_fmt(x)}{where} is outside the projection bounds "
+                            f"[{_fmt(lo)}, {_fmt(hi)}] of a learned {spec.name}: pass "
+                            f"bounds={{'{spec.name}': (lo, hi)}} or do not learn it")
+                    if transform.name == "log" and x <= 0:
+                        raise ValueError(f"{spec.label} = {_fmt(x)}{where} cannot be learned in log "
+                                         f"space (reparam='log' needs a value > 0)")
+                    if transform.name == "logit" and not 0 < x < 1:
+                        raise ValueError(f"{spec.label} = {_fmt(x)}{where} cannot be learned in logit "
+                                         f"space (reparam='logit' needs a value in (0, 1))")
+            floats[spec.name] = vals[0] if len(vals) == 1 and not learned else None
+            if scope == "shared" and spec.name in self._hg_shared:
+                hv = self._hg_shared[spec.name]
+                cur = [float(t) for t in hv.value]
+                if any(x != cur[0] for x in vals):
+                    raise ValueError(f"scope 'shared' for {spec.name}: param group {gi} sets "
+                                     f"{_fmt(vals[0])} but the shared value is {_fmt(cur[0])}")
+                if any(d != hv.value[0].device for d in devices):
+                    raise ValueError(f"scope 'shared' for {spec.name}: parameters on several devices "
+                                     f"({sorted(map(str, devices | {hv.value[0].device}))}) in one scope")
+            else:
+                if scope in ("group", "shared"):
+                    if len(devices) > 1:
+                        raise ValueError(f"scope {scope!r} for {spec.name}{where}: parameters on several "
+                                         f"devices ({sorted(map(str, devices))}) in one scope; use "
+                                         f"scope='tensor' or one param group per device")
+                    dev = next(iter(devices)) if devices else torch.device("cpu")
+                    if len(vals) != 1:
+                        raise ValueError(f"{spec.label}{where}: a {scope}-scoped hyperparameter takes "
+                                         f"one value, got {len(vals)}")
+                    values = [torch.tensor(vals[0], dtype=hdtype, device=dev)]
+                elif scope == "tensor":
+                    if len(vals) not in (1, len(params)):
+                        raise ValueError(f"{spec.label}{where}: scope 'tensor' takes one value or one "
+                                         f"per parameter ({len(params)}), got {len(vals)}")
+                    vals_p = vals * len(params) if len(vals) == 1 else vals
+                    values = [torch.tensor(x, dtype=hyper_dtype([p.dtype]), device=p.device)
+                              for x, p in zip(vals_p, params)]
+                else:  # element
+                    if isinstance(v, (list, tuple)) and len(v) == len(params) and all(
+                            isinstance(t, Tensor) and t.shape == p.shape for t, p in zip(v, params)):
+                        values = [t.detach().to(device=p.device, dtype=hyper_dtype([p.dtype])).clone()
+                                  for t, p in zip(v, params)]
+                    else:
+                        if len(vals) != 1:
+                            raise ValueError(f"{spec.label}{where}: scope 'element' takes one value or "
+                                             f"one tensor per parameter")
+                        values = [torch.full_like(p, vals[0], dtype=hyper_dtype([p.dtype]))
+                                  for p in params]
+                hv = HyperVar(spec, scope, learned, transform, (lo, hi), values)
+                if scope == "shared":
+                    self._hg_shared[spec.name] = hv
+            _set(group, spec.key, hv.entry())
+            vars[spec.name] = hv
+        self._hg_vars.append(vars)
+        self._hg_opts.append(self.options(group, floats))
+
+    def _hg_floats(self, gi: int) -> dict[str, float | None]:
+        out = {}
+        for name, hv in self._hg_vars[gi].items():
+            out[name] = None if hv.learned or len(hv.value) != 1 or hv.value[0].dim() else float(hv.value[0])
+        return out
+
+    def _hg_sync(self) -> None:
+        """Take in writes to the param groups made outside the optimizer (user code, LR
+        schedulers, load_state_dict): their values replace the hyperparameter values."""
+        for gi, group in enumerate(self.param_groups):
+            changed = False
+            for name, hv in self._hg_vars[gi].items():
+                entry = _get(group, hv.spec.key)
+                if not hv.changed_outside(entry):
+                    continue
+                self._hg_assign(hv, entry, gi)
+                _set(group, hv.spec.key, hv.entry())
+                changed = True
+            if changed:
+                self._hg_opts[gi] = self.options(group, self._hg_floats(gi))
+
+    def _hg_assign(self, hv: HyperVar, entry, gi: int) -> None:
+        where = f" (param group {gi})" if gi else ""
+        spec = hv.spec
+        if isinstance(entry, (list, tuple)) and len(hv.value) > 1 or (
+                isinstance(entry, (list, tuple)) and hv.scope in ("tensor", "element")):
+            entries = list(entry)
+            if len(entries) != len(hv.value):
+                raise ValueError(f"{spec.label}{where}: expected {len(hv.value)} values, got {len(entries)}")
+        else:
+            entries = [entry] * len(hv.value)
+        with torch.no_grad():
+            for i, (dst, src) in enumerate(zip(hv.value, entries)):
+                if src is dst:
+                    x = dst
+                else:
+                    x = torch.as_tensor(src.detach() if isinstance(src, Tensor) else src,
+                                        dtype=dst.dtype, device=dst.device)
+                bad = ~_in_domain_t(x, spec)
+                if bool(bad.any()):
+                    raise ValueError(f"Invalid {spec.label}{where} written to the param group: "
+                                     f"{_fmt(float(x[bad].flatten()[0]) if x.dim() else float(x))} is "
+                                     f"outside {spec.domain_str()}")
+                if src is not dst:
+                    dst.copy_(x.expand_as(dst))
+                if hv.transform.name is not None:
+                    hv.raw[i].copy_(hv.transform.inv(dst))
+        hv.mark()
+
+    # ------------------------------------------------------------- stacking
+    @property
+    def hyper(self) -> "HyperOptimizer | None":
+        """The level above (it learns this level's hyperparameters), or None."""
+        return self._hg_hyper
+
+    @property
+    def below(self) -> "HyperOptimizer | None":
+        """The level below (whose hyperparameters this level learns), or None for level 1."""
+        return None if self._hg_below_ref is None else self._hg_below_ref()
+
+    @property
+    def levels(self) -> list["HyperOptimizer"]:
+        """This level and all levels above it, bottom first."""
+        out = [self]
+        while out[-1]._hg_hyper is not None:
+            out.append(out[-1]._hg_hyper)
+        return out
+
+    def _hg_learned_vars(self, vars_list=None):
+        seen, out = set(), []
+        for vars in (self._hg_vars if vars_list is None else vars_list):
+            for hv in vars.values():
+                if hv.learned and id(hv) not in seen:
+                    seen.add(id(hv))
+                    out.append(hv)
+        return out
+
+    def _hg_bind(self, below: "HyperOptimizer") -> None:
+        """Bind this (unbound) level to the hyperparameters that ``below`` learns."""
+        self._hg_below_ref = weakref.ref(below)
+        learned_names = set(below._hg_learn)
+        for n in self._hg_per_name:
+            if n not in learned_names:
+                raise ValueError(f"per_name: {n!r} is not a hyperparameter learned by the level below "
+                                 f"({type(below).__name__} learns {sorted(learned_names)})")
+        self._hg_setup(self._hg_groups_for(below, below._hg_vars))
+
+    def _hg_groups_for(self, below, vars_list) -> list[dict]:
+        by_name: dict[str, list[Tensor]] = {}
+        for hv in below._hg_learned_vars(vars_list):
+            for r in hv.raw:
+                if any(r is x for x in self._hg_proj):
+                    continue
+                self._hg_proj[r] = (hv.lo_raw, hv.hi_raw)
+                by_name.setdefault(hv.spec.name, []).append(r)
+        groups, rest, rest_names = [], [], []
+        for name, raws in by_name.items():
+            if name in self._hg_per_name:
+                groups.append({"params": raws, "hyper_of": name, **self._hg_per_name[name]})
+            else:
+                rest.extend(raws)
+                rest_names.append(name)
+        if rest:
+            groups.append({"params": rest, "hyper_of": "+".join(rest_names)})
+        return groups
+
+    def _hg_attach(self, below, vars_list) -> None:
+        for g in self._hg_groups_for(below, vars_list):
+            self.add_param_group(g)
+
+    # ------------------------------------------------------------- public views
+    def _hg_group_index(self, group) -> int:
+        if isinstance(group, int):
+            if not -len(self.param_groups) <= group < len(self.param_groups):
+                raise IndexError(f"param group {group} out of range ({len(self.param_groups)} groups)")
+            return group % len(self.param_groups)
+        for i, g in enumerate(self.param_groups):
+            if group in g.get("hyper_of", "").split("+"):
+                return i
+        raise KeyError(f"no param group learns {group!r}")
+
+    def hyperparameters(self, group: int | str = 0) -> dict[str, Tensor | list[Tensor]]:
+        """The live hyperparameter tensors of a param group, by name.
+
+        ``group`` is the group index, or, on a hyper level, the name of a hyperparameter of the
+        level below whose group to show. Scopes ``tensor`` and ``element`` give a list of
+        tensors (one per parameter of the group).
+        """
+        self._hg_check_bound()
+        gi = self._hg_group_index(group)
+        return {n: hv.entry() for n, hv in self._hg_vars[gi].items()}
+
+    def hypergradients(self, group: int | str = 0) -> dict[str, Tensor | list[Tensor] | None]:
+        """The last hyper-gradients d f_t / d q of the learned hyperparameters of a group
+        (``None`` before the first one)."""
+        self._hg_check_bound()
+        gi = self._hg_group_index(group)
+        out = {}
+        for n, hv in self._hg_vars[gi].items():
+            if hv.learned:
+                out[n] = hv.grad[0] if hv.scope in ("group", "shared") else list(hv.grad)
+        return out
+
+    @property
+    def learned(self) -> tuple[str, ...]:
+        """Names of the hyperparameters this level learns."""
+        return self._hg_learn
+
+    def _hg_check_bound(self):
+        if not self._hg_bound:
+            raise RuntimeError(f"this {type(self).__name__} level is not bound to parameters yet: pass "
+                               f"it as hyper= to an optimizer constructed with params")
+
+    # ------------------------------------------------------------- stepping
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Perform one step: hyper-gradients bottom-up, hyper-steps top-down, then the
+        parameter update with the new hyperparameters. ``closure`` re-evaluates the loss."""
+        self._hg_check_bound()
+        if self.below is not None:
+            raise RuntimeError("step() is driven by the bottom level of the stack; call step() on the "
+                               "optimizer of the model parameters")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        levels = self.levels
+        for lvl in levels:
+            lvl._hg_sync()
+        for lvl in levels[:-1]:
+            lvl._hg_hypergrad()
+        for k in range(len(levels) - 1, 0, -1):
+            levels[k]._hg_update()
+            levels[k - 1]._hg_refresh()
+        self._hg_update()
+        return loss
+
+    def _hg_refresh(self):
+        for hv in self._hg_learned_vars():
+            hv.refresh()
+
+    def _hg_grad(self, p: Tensor, opts: dict) -> Tensor:
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if g.is_complex():
+            raise RuntimeError(f"{type(self).__name__} does not support complex gradients")
+        return -g if opts.get("maximize") else g
+
+    def _hg_update(self) -> None:
+        record = bool(self._hg_learn)
+        snaps: dict[int, list[Tensor]] = {}
+        if record:
+            for vars in self._hg_vars:
+                for hv in vars.values():
+                    if id(hv) not in snaps:
+                        snaps[id(hv)] = [v.detach().clone() for v in hv.value]
+        for gi, group in enumerate(self.param_groups):
+            vars, opts = self._hg_vars[gi], self._hg_opts[gi]
+            for i, p in enumerate(group["params"]):
+                st = self.state[p]
+                if p.grad is None:
+                    st.pop(_RECORD, None)
+                    continue
+                g = self._hg_grad(p, opts)
+                if "step" not in st and not any(k != _RECORD for k in st):
+                    st.update(self.init_state(p, opts))
+                h = {n: hv.value[0 if len(hv.value) == 1 else i] for n, hv in vars.items()}
+                old = {k: v for k, v in st.items() if k != _RECORD}
+                new_p, new_state = self.update(p, g, old, h, opts)
+                b = self._hg_proj.get(p)
+                if b is not None:
+                    new_p = new_p.clamp(b[0], b[1])
+                if record:
+                    st[_RECORD] = {
+                        # the old value only matters where the rule reads it or a projection clips
+                        "p": p.clone() if b is not None or self.uses_param(opts) else None,
+                        "g": g.clone(),
+                        "state": old,
+                        "h": {n: snaps[id(hv)][0 if len(hv.value) == 1 else i] for n, hv in vars.items()},
+                    }
+                for k, v in new_state.items():
+                    o = old.get(k)
+                    st[k] = v if o is None or v.dtype == o.dtype else v.to(o.dtype)
+                p.copy_(new_p)
+
+    def _hg_hypergrad(self) -> None:
+        """Compute d f_t / d q for every learned hyperparameter (generic path: autograd through
+        the recorded update) and store it, in raw space, as ``.grad`` of the raw tensors."""
+        learned = self._hg_learned_vars()
+        for hv in learned:
+            hv.grad = [None] * len(hv.value)
+            for r in hv.raw:
+                r.grad = None
+        if not learned:
+            return
+        outs, gouts, leaves, owners = [], [], [], []
+        leafmap: dict[int, Tensor] = {}
+        with torch.enable_grad():
+            for gi, group in enumerate(self.param_groups):
+                vars, opts = self._hg_vars[gi], self._hg_opts[gi]
+                for i, p in enumerate(group["params"]):
+                    st = self.state.get(p)
+                    rec = st.get(_RECORD) if st else None
+                    if rec is None or p.grad is None:
+                        continue
+                    h = {}
+                    for n, snap in rec["h"].items():
+                        hv = vars[n]
+                        if hv.learned:
+                            leaf = leafmap.get(id(snap))
+                            if leaf is None:
+                                leaf = snap.detach().requires_grad_(True)
+                                leafmap[id(snap)] = leaf
+                                leaves.append(leaf)
+                                owners.append((hv, 0 if len(hv.value) == 1 else i, snap))
+                            h[n] = leaf
+                        else:
+                            h[n] = snap
+                    base = p if rec["p"] is None else rec["p"]
+                    new_p, _ = self.update(base, rec["g"], rec["state"], h, opts)
+                    b = self._hg_proj.get(p)
+                    if b is not None:
+                        new_p = new_p.clamp(b[0], b[1])
+                    if not new_p.requires_grad:
+                        continue
+                    outs.append(new_p)
+                    gouts.append(self._hg_grad(p, opts).to(new_p.dtype))
+            grads = torch.autograd.grad(outs, leaves, gouts, allow_unused=True) if outs else []
+        acc: dict[tuple[int, int], Tensor] = {}
+        for (hv, idx, snap), gr in zip(owners, grads):
+            if gr is None:
+                gr = torch.zeros_like(snap)
+            key = (id(hv), idx)
+            acc[key] = gr if key not in acc else acc[key] + gr
+        self._hg_store(owners, acc)
+
+    def _hg_store(self, owners, acc) -> None:
+        """Store value-space hyper-gradients; give the raw tensors their raw-space gradients;
+        drop all of them for this step if any is non-finite."""
+        done = set()
+        finite = True
+        for hv, idx, snap in owners:
+            key = (id(hv), idx)
+            if key in done:
+                continue
+            done.add(key)
+            gq = acc[key]
+            hv.grad[idx] = gq
+            raw_grad = gq * hv.transform.dq_dz(snap.to(gq.dtype)) if hv.transform.name else gq
+            hv.raw[idx].grad = raw_grad.to(hv.raw[idx].dtype)
+        if acc:
+            finite = bool(torch.stack([torch.isfinite(g).all() for g in acc.values()]).all())
+        if not finite:
+            self.hyper_steps_skipped += 1
+            for hv, idx, _ in owners:
+                hv.raw[idx].grad = None
+
+    # ------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """torch's state dict, plus the raw (reparameterized) hyperparameter tensors, the
+        records the next hyper-gradient needs, and the state of every level above."""
+        self._hg_check_bound()
+        sd = super().state_dict()
+        state = {}
+        records = {}
+        for k, v in sd["state"].items():
+            v = dict(v)
+            rec = v.pop(_RECORD, None)
+            if rec is not None:
+                records[k] = rec
+            state[k] = v
+        sd["state"] = state
+        sd["hypergrad"] = {
+            "records": records,
+            "raw": [{n: [r.detach().clone() for r in hv.raw] for n, hv in vars.items()}
+                    for vars in self._hg_vars],
+            "hyper_steps_skipped": self.hyper_steps_skipped,
+            "hyper": None if self._hg_hyper is None else self._hg_hyper.state_dict(),
+            "type": type(self).__name__,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._hg_check_bound()
+        sd = dict(state_dict)
+        extra = sd.pop("hypergrad", None)
+        if extra is None:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: not a hypergrad state dict "
+                             f"(no 'hypergrad' entry); was it saved from another optimizer?")
+        if extra.get("type") != type(self).__name__:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: state dict was saved from "
+                             f"{extra.get('type')}")
+        if (extra["hyper"] is None) != (self._hg_hyper is None):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the saved stack has "
+                             f"{'no ' if extra['hyper'] is None else ''}hyper level, this one "
+                             f"{'has' if self._hg_hyper is not None else 'has none'}")
+        saved_groups = sd["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(saved_groups)} param groups, optimizer has "
+                             f"{len(self.param_groups)}")
+        for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(f"param group {gi}: loaded state dict has {len(sg['params'])} "
+                                 f"parameters, optimizer has {len(g['params'])}")
+        super().load_state_dict(sd)
+        params = [p for g in self.param_groups for p in g["params"]]
+        id2p = dict(zip([pid for sg in saved_groups for pid in sg["params"]], params))
+        for pid, rec in extra["records"].items():
+            p = id2p[pid]
+            self.state[p][_RECORD] = _to_device(rec, p.device)
+        for gi, group in enumerate(self.param_groups):
+            for name, hv in self._hg_vars[gi].items():
+                self._hg_assign(hv, _get(group, hv.spec.key), gi)
+                raws = extra["raw"][gi].get(name)
+                if raws is not None and hv.transform.name is not None:
+                    with torch.no_grad():
+                        for r, s in zip(hv.raw, raws):
+                            r.copy_(s)
+                _set(group, hv.spec.key, hv.entry())
+            self._hg_opts[gi] = self.options(group, self._hg_floats(gi))
+        self.hyper_steps_skipped = int(extra.get("hyper_steps_skipped", 0))
+        if self._hg_hyper is not None:
+            self._hg_hyper.load_state_dict(extra["hyper"])
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _get(group: dict, key):
+    if isinstance(key, str):
+        return group[key]
+    return group[key[0]][key[1]]
+
+
+def _set(group: dict, key, value) -> None:
+    if isinstance(key, str):
+        group[key] = value
+    else:
+        t = list(group[key[0]])
+        t[key[1]] = value
+        group[key[0]] = tuple(t)
+
+
+def _as_floats(v, spec: Hyper, where: str) -> list[float]:
+    if isinstance(v, Tensor):
+        if v.numel() == 1:
+            return [float(v.detach().reshape(()))]
+        return [float(x) for x in v.detach().flatten().tolist()]
+    if isinstance(v, (list, tuple)):
+        out = []
+        for x in v:
+            out.extend(_as_floats(x, spec, where))
+        return out
+    try:
+        return [float(v)]
+    except (TypeError, ValueError):
+        raise TypeError(f"{spec.label}{where} must be a number or a tensor, got {type(v).__name__}") from None
+
+
+def _in_domain_t(x: Tensor, spec: Hyper) -> Tensor:
+    lo = x > spec.lo if spec.lo_open else x >= spec.lo
+    hi = x < spec.hi if spec.hi_open else x <= spec.hi
+    return lo & hi
+
+
+def _to_device(obj, device):
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj

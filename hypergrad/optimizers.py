@@ -1,0 +1,645 @@
+"""The built-in differentiable optimizers.
+
+Each class is a thin constructor (torch-compatible arguments and checks) over a pure update rule
+``update(p, g, state, h, opts) -> (new_p, new_state)``. The rules follow their reference
+implementations operation by operation (``torch.optim``'s single-tensor code,
+``pytorch_optimizer`` for Adan and Yogi, ``lion_pytorch`` for Lion), with the hyperparameters as
+tensors so that autograd can differentiate through them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .core import Hyper, HyperOptimizer
+
+__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "NAdam", "Adan", "Yogi",
+           "Lion", "Adafactor", "OPTIMIZERS"]
+
+INF = math.inf
+
+
+def _lr(**kw):
+    return Hyper("lr", "lr", auto_reparam="log", doc="learning rate", **kw)
+
+
+def _beta(name, key, default_learn=True, hi_open=True):
+    return Hyper(name, key, lo=0.0, hi=1.0, hi_open=hi_open, bounds=(0.0, 0.9999),
+                 auto_reparam="logit", default_learn=default_learn)
+
+
+def _eps(key="eps"):
+    return Hyper("eps", key, default_learn=False, auto_reparam="log", doc="numerical stability term")
+
+
+def _wd(key="weight_decay"):
+    return Hyper("weight_decay", key, default_learn=False, doc="weight decay")
+
+
+def _on(v) -> bool:
+    """A structural switch: on where the value is non-zero or learned (None)."""
+    return v is None or v != 0
+
+
+def _scalar_dtype():
+    # as torch.optim: step counters are float32 unless the default dtype is float64
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _step0():
+    return torch.zeros((), dtype=_scalar_dtype())
+
+
+def _lerp(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
+    if isinstance(w, Tensor) and w.dim() and w.dtype != a.dtype:
+        return a + w * (b - a)
+    return torch.lerp(a, b, w)
+
+
+def _refuse(name: str, **flags) -> None:
+    for k, v in flags.items():
+        if v:
+            raise ValueError(f"{name} does not support {k}={v!r}; hypergrad picks its own kernels")
+
+
+class _HO(HyperOptimizer):
+    """Shared bits: default ``learn`` may depend on the constructor's values."""
+
+    _off_when_zero: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults, **hg):
+        if hg.get("hyper") is not None and hg.get("learn") is None:
+            learn = [h.name for h in self.hypers if h.default_learn and h.learnable
+                     and not (h.name in self._off_when_zero and _get_default(defaults, h) == 0)]
+            hg["learn"] = learn
+        for h in self.hypers:
+            v = _get_default(defaults, h)
+            if isinstance(v, (int, float)) and not h.in_domain(float(v)):
+                raise ValueError(f"Invalid {h.label} = {v:g}: must be in {h.domain_str()}")
+        super().__init__(params, defaults, **hg)
+
+
+def _get_default(defaults, h: Hyper):
+    v = defaults[h.key] if isinstance(h.key, str) else defaults[h.key[0]][h.key[1]]
+    return float(v) if isinstance(v, (int, float)) or (isinstance(v, Tensor) and v.numel() == 1) else v
+
+
+# ------------------------------------------------------------------------------------ SGD
+
+
+class SGD(_HO):
+    r"""Stochastic gradient descent with momentum, dampening, Nesterov and weight decay,
+    as ``torch.optim.SGD``:
+
+    .. math::
+        g \leftarrow g + \lambda p,\quad
+        b \leftarrow \mu b + (1-\tau) g \;(b_1 = g),\quad
+        g \leftarrow g + \mu b \text{ (Nesterov) or } b,\quad
+        p \leftarrow p - \eta g
+
+    Learnable: ``lr`` and ``momentum`` (default, where momentum is non-zero), ``dampening``,
+    ``weight_decay``. Learning ``momentum`` from 0 keeps a momentum buffer (which equals
+    torch's behaviour while momentum is 0).
+    """
+
+    hypers = (
+        _lr(),
+        Hyper("momentum", "momentum", bounds=(0.0, 0.9999), auto_reparam="logit"),
+        Hyper("dampening", "dampening", lo=-INF, default_learn=False, bounds=(0.0, 1.0)),
+        _wd(),
+    )
+    _off_when_zero = ("momentum",)
+
+    def __init__(self, params=None, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
+                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
+                 fused=None, **hg):
+        _refuse("SGD", differentiable=differentiable, fused=fused)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      maximize=maximize, foreach=foreach), **hg)
+
+    def options(self, group, v):
+        return dict(maximize=group["maximize"], nesterov=group["nesterov"],
+                    momentum=_on(v["momentum"]), wd=_on(v["weight_decay"]))
+
+    @staticmethod
+    def init_state(p, o):
+        return {}
+
+    @staticmethod
+    def uses_param(o):
+        return o["wd"]
+
+    @staticmethod
+    def update(p, g, s, h, o):
+        if o["wd"]:
+            g = g + h["weight_decay"] * p
+        new = {}
+        if o["momentum"]:
+            buf = s.get("momentum_buffer")
+            buf = g.clone() if buf is None else buf * h["momentum"] + (1 - h["dampening"]) * g
+            new["momentum_buffer"] = buf
+            g = g + h["momentum"] * buf if o["nesterov"] else buf
+        return p - h["lr"] * g, new
+
+
+# ------------------------------------------------------------------------------------ Adagrad
+
+
+class Adagrad(_HO):
+    r"""Adagrad as ``torch.optim.Adagrad``:
+    :math:`s \leftarrow s + g^2,\; p \leftarrow p - \frac{\eta}{1+(t-1)\delta}\, g/(\sqrt{s}+\epsilon)`.
+
+    Learnable: ``lr`` (default), ``lr_decay``, ``eps``, ``weight_decay``."""
+
+    hypers = (_lr(), Hyper("lr_decay", "lr_decay", default_learn=False), _wd(), _eps())
+
+    def __init__(self, params=None, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
+                 eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None, **hg):
+        _refuse("Adagrad", differentiable=differentiable, fused=fused)
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value,
+                                      foreach=foreach, maximize=maximize), **hg)
+
+    def options(self, group, v):
+        return dict(maximize=group["maximize"], wd=_on(v["weight_decay"]),
+                    init=float(group["initial_accumulator_value"]))
+
+    @staticmethod
+    def init_state(p, o):
+        return {"step": _step0(), "sum": torch.full_like(p, o["init"])}
+
+    @staticmethod
+    def uses_param(o):
+        return o["wd"]
+
+    @staticmethod
+    def update(p, g, s, h, o):
+        step = s["step"] + 1
+        if o["wd"]:
+            g = g + h["weight_decay"] * p
+        clr = h["lr"] / (1 + (step - 1) * h["lr_decay"])
+        ssum = s["sum"] + g * g
+        std = ssum.sqrt() + h["eps"]
+        return p - clr * (g / std), {"step": step, "sum": ssum}
+
+
+# ------------------------------------------------------------------------------------ Adadelta
+
+
+class Adadelta(_HO):
+    r"""Adadelta as ``torch.optim.Adadelta``:
+    :math:`v \leftarrow \rho v + (1-\rho) g^2,\; \Delta = \sqrt{u+\epsilon}/\sqrt{v+\epsilon}\, g,\;
+    u \leftarrow \rho u + (1-\rho)\Delta^2,\; p \leftarrow p - \eta \Delta`.
+
+    Learnable: ``lr``, ``rho`` (default), ``eps``, ``weight_decay``."""
+
+    hypers = (_lr(), Hyper("rho", "rho", hi=1.0, bounds=(0.0, 0.9999), auto_reparam="logit"),
+              _eps(), _wd())
+
+    def __init__(self, params=None, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
+                 capturable=False, maximize=False, differentiable=False, **hg):
+        _refuse("Adadelta", capturable=capturable, differentiable=differentiable)
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
+                                      foreach=foreach, maximize=maximize), **hg)
+
+    def options(self, group, v):
+        return dict(maximize=group["maximize"], wd=_on(v["weight_decay"]))
+
+    @staticmethod
+    def init_state(p, o):
+        return {"step": _step0(), "square_avg": torch.zeros_like(p), "acc_delta": torch.zeros_like(p)}
+
+    @staticmethod
+    def uses_param(o):
+        return o["wd"]
+
+    @staticmethod
+    def update(p, g, s, h, o):
+        rho, eps = h["rho"], h["eps"]
+        if o["wd"]:
+            g = g + h["weight_decay"] * p
+        sq = s["square_avg"] * rho + (1 - rho) * g * g
+        std = (sq + eps).sqrt()
+        delta = (s["acc_delta"] + eps).sqrt() / std * g
+        acc = s["acc_delta"] * rho + (1 - rho) * delta * delta
+        return p - h["lr"] * delta, {"step": s["step"] + 1, "square_avg": sq, "acc_delta": acc}
+
+
+# ------------------------------------------------------------------------------------ RMSprop
+
+
+class RMSprop(_HO):
+    r"""RMSprop as ``torch.optim.RMSprop`` (centered and momentum variants):
+    :math:`v \leftarrow \alpha v + (1-\alpha) g^2,\; d = \sqrt{v - \bar g^2} + \epsilon,\;
+    b \leftarrow \mu b + g/d,\; p \leftarrow p - \eta b`.
+
+    Learnable: ``lr``, ``alpha``, ``momentum`` (default, where non-zero), ``eps``,
+    ``weight_decay``."""
+
+    hypers = (_lr(), Hyper("alpha", "alpha", bounds=(0.0, 0.9999), auto_reparam="logit"), _eps(), _wd(),
+              Hyper("momentum", "momentum", bounds=(0.0, 0.9999), auto_reparam="logit"))
+    _off_when_zero = ("momentum",)
+
+    def __init__(self, params=None, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
+                 centered=False, capturable=False, foreach=None, maximize=False,
+                 differentiable=False, **hg):
+        _refuse("RMSprop", capturable=capturable, differentiable=differentiable)
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                      momentum=momentum, centered=centered, foreach=foreach,
+                                      maximize=maximize), **hg)
+
+    def options(self, group, v):
+        return dict(maximize=group["maximize"], centered=group["centered"],
+                    momentum=_on(v["momentum"]), wd=_on(v["weight_decay"]))
+
+    @staticmethod
+    def init_state(p, o):
+        s = {"step": _step0(), "square_avg": torch.zeros_like(p)}
+        if o["momentum"]:
+            s["momentum_buffer"] = torch.zeros_like(p)
+        if o["centered"]:
+            s["grad_avg"] = torch.zeros_like(p)
+        return s
+
+    @staticmethod
+    def uses_param(o):
+        return o["wd"]
+
+    @staticmethod
+    def update(p, g, s, h, o):
+        alpha = h["alpha"]
+        if o["wd"]:
+            g = g + h["weight_decay"] * p
+        new = {"step": s["step"] + 1}
+        sq = s["square_avg"] * alpha + (1 - alpha) * g * g
+        new["square_avg"] = sq
+        if o["centered"]:
+            ga = _lerp(s["grad_avg"], g, 1 - alpha)
+            new["grad_avg"] = ga
+            avg = (sq - ga * ga).sqrt()
+        else:
+            avg = sq.sqrt()
+        avg = avg + h["eps"]
+        if o["momentum"]:
+            buf = s["momentum_buffer"] * h["momentum"] + g / avg
+            new["momentum_buffer"] = buf
+            return p - h["lr"] * buf, new
+        return p - h["lr"] * (g / avg), new
+
+
+# ------------------------------------------------------------------------------------ Adam family
+
+
+class Adam(_HO):
+    r"""Adam as ``torch.optim.Adam`` (AMSGrad, coupled or decoupled weight decay):
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
+        p \leftarrow p - \frac{\eta}{1-\beta_1^t}\,
+        \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    with :math:`\hat v = \max(\hat v, v)` under AMSGrad and :math:`\hat v = v` otherwise.
+    Learnable: ``lr``, ``beta1``, ``beta2`` (default), ``eps``, ``weight_decay``.
+    """
+
+    hypers = (_lr(), _beta("beta1", ("betas", 0)), _beta("beta2", ("betas", 1)), _eps(), _wd())
+    _decoupled_default = False
+
+    def __init__(self, params=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False, **hg):
+        _refuse(type(self).__name__, capturable=capturable, differentiable=differentiable, fused=fused)
+        if len(tuple(betas)) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                                      decoupled_weight_decay=decoupled_weight_decay), **hg)
+
+    def options(self, group, v):
+        return dict(maximize=group["maximize"], amsgrad=group["amsgrad"],
+                    decoupled=group["decoupled_weight_decay"], wd=_on(v["weight_decay"]))
+
+    @staticmethod
+    def init_state(p, o):
+        s = {"step": _step0(), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        if o["amsgrad"]:
+            s["max_exp_avg_sq"] = torch.zeros_like(p)
+        return s
+
+    @staticmethod
+    def uses_param(o):
+        return o["wd"]
+
+    @staticmethod
+    def update(p, g, s, h, o):
+        lr, b1, b2 = h["lr"], h["beta1"], h["beta2"]
+        step = s["step"] + 1
+        if o["wd"]:
+            if o["decoupled"]:
+                p = p * (1 - lr * h["weight_decay"])
+            else:
+                g = g + h["weight_decay"] * p
+        m = _lerp(s["exp_avg"], g, 1 - b1)
+        v = s["exp_avg_sq"] * b2 + (1 - b2) * g * g
+        new = {"step": step, "exp_avg": m, "exp_avg_sq": v}
+        bc1 = 1 - b1 ** step
+        bc2 = 1 - b2 ** step
+        if o["amsgrad"]:
+            v = torch.maximum(s["max_exp_avg_sq"], v)
+            new["max_exp_avg_sq"] = v
+        denom = v.sqrt() / bc2 ** 0.5 + h["eps"]
+        return p - (lr / bc1) * (m / denom), new
+
+
+class AdamW(Adam):
+    """AdamW as ``torch.optim.AdamW``: Adam with decoupled weight decay
+    :math:`p \\leftarrow p (1 - \\eta \\lambda)` (default ``weight_decay=1e-2``)."""
+
+    def __init__(self, params=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, **hg):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
+                         differentiable=differentiable, fused=fused, decoupled_weight_decay=True, **hg)
+
+
+class NAdam(_HO):
+    r"""NAdam as ``torch.optim.NAdam``, with momentum schedule
+    :math:`\mu_t = \beta_1 (1 - \tfrac12 0.96^{t\psi})`.
+
+    Learnable: ``lr``, ``beta1``, ``beta2`` (default), ``eps``, ``weight_decay``,
+    ``momentum_decay``."""
+
+    hypers = (_lr(), _beta("beta1", ("betas", 0)), _beta("beta2", ("betas", 1)), _eps(), _wd(),
+              Hyper("momentum_decay", "momentum_decay", default_learn=False))
+
+    def __init__(self, params=None, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None, maximize=False,
+                 capturable=False, differentiable=False, **hg):
+        _refuse("NAdam", capturable=capturable, differentiable=differentiable)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      momentum_decay=momentum_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      maximize=maximize, foreach=foreach), **hg)
+
+    def options(self, group, v):
+        return dict(maximize=group["maximize"], decoupled=group["decoupled_weight_decay"],
+                    wd=_on(v["weight_decay"]))
+
+    @staticmethod
+    def init_state(p, o):
+        return {"step": _step0(), "mu_product": torch.ones((), dtype=_scalar_dtype()),
+                "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+    @staticmethod
+    def uses_param(o):
+        return o["wd"]
+
+    @staticmethod
+    def update(p, g, s, h, o):
+        lr, b1, b2, psi = h["lr"], h["beta1"], h["beta2"], h["momentum_decay"]
+        step = s["step"] + 1
+        bc2 = 1 - b2 ** step
+        if o["wd"]:
+            if o["decoupled"]:
+                p = p * (1 - lr * h["weight_decay"])
+            else:
+                g = g + h["weight_decay"] * p
+        mu = b1 * (1.0 - 0.5 * 0.96 ** (step * psi))
+        mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
+        mu_product = s["mu_product"] * mu
+        m = _lerp(s["exp_avg"], g, 1 - b1)
+        v = s["exp_avg_sq"] * b2 + (1 - b2) * g * g
+        denom = (v / bc2).sqrt() + h["eps"]
+        mu_product_next = mu_product * mu_next
+        p = p + (-lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom)
+        p = p + (-lr * mu_next / (1.0 - mu_product_next)) * (m / denom)
+        return p, {"step": step, "mu_product": mu_product, "exp_avg": m, "exp_avg_sq": v}
+
+
+class Adan(_HO):
+    r"""Adan (Xie et al.) as ``pytorch_optimizer.Adan`` (same arguments and defaults):
+
+    .. math::
+        d = g - g_{prev}\,(d_1 = 0),\; m \leftarrow \beta_1 m + (1-\beta_1) g,\;
+        n \leftarrow \beta_2 n + (1-\beta_2) d,\; v \leftarrow \beta_3 v + (1-\beta_3)(g + \beta_2 d)^2,
+
+    .. math::
+        p \leftarrow p - \eta\Big(\frac{m}{1-\beta_1^t} + \frac{\beta_2 n}{1-\beta_2^t}\Big)
+        \Big/ \Big(\frac{\sqrt v}{\sqrt{1-\beta_3^t}} + \epsilon\Big)
+
+    then ``p / (1 + lr * weight_decay)`` (or ``p * (1 - lr * weight_decay)`` before the update with
+    ``weight_decouple=True``). Note the naming: Adan's ``beta2`` weights the gradient difference and
+    ``beta3`` the second moment (MADA calls these beta3 and beta2). Learnable: ``lr`` and the three
+    betas (default), ``eps``, ``weight_decay``. Global gradient clipping (``max_grad_norm``) is
+    left to ``torch.nn.utils.clip_grad_norm_``.
+    """
+
+    hypers = (_lr(), _beta("beta1", ("betas", 0)), _beta("beta2", ("betas", 1)),
+              _beta("beta3", ("betas", 2), hi_open=False), _eps(), _wd())
+
+    def __init__(self, params=None, lr=1e-3, betas=(0.98, 0.92, 0.99), weight_decay=0.0,
+                 weight_decouple=False, max_grad_norm=0.0, foreach=None, eps=1e-8, maximize=False,
+                 **hg):
+        if max_grad_norm:
+            raise ValueError("Adan: max_grad_norm is not supported; clip with "
+                             "torch.nn.utils.clip_grad_norm_ before step()")
+        if len(tuple(betas)) != 3:
+            raise ValueError(f"Adan: betas must be (beta1, beta2, beta3), got {betas!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                                      weight_decouple=weight_decouple, eps=eps, maximize=maximize,
+                                      foreach=foreach), **hg)
+
+    def options(self, group, v):
+        return dict(maximize=group["maximize"], decouple=group["weight_decouple"],
+                    wd=_on(v["weight_decay"]))
+
+    @staticmethod
+    def init_state(p, o):
+        return {"step": _step0(), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
+                "exp_avg_diff": torch.zeros_like(p)}
+
+    @staticmethod
+    def uses_param(o):
+        return o["wd"]
+
+    @staticmethod
+    def update(p, g, s, h, o):
+        lr, b1, b2, b3, eps = h["lr"], h["beta1"], h["beta2"], h["beta3"], h["eps"]
+        step = s["step"] + 1
+        prev = s.get("previous_grad")
+        diff = torch.zeros_like(g) if prev is None else g - prev
+        m = _lerp(s["exp_avg"], g, 1 - b1)
+        n = _lerp(s["exp_avg_diff"], diff, 1 - b2)
+        ghat = diff * b2 + g
+        v = s["exp_avg_sq"] * b3 + (1 - b3) * ghat * ghat
+        denom = v.sqrt() / (1 - b3 ** step).sqrt() + eps
+        if o["wd"] and o["decouple"]:
+            p = p * (1 - lr * h["weight_decay"])
+        p = p - lr / (1 - b1 ** step) * (m / denom)
+        p = p - lr * b2 / (1 - b2 ** step) * (n / denom)
+        if o["wd"] and not o["decouple"]:
+            p = p / (1 + lr * h["weight_decay"])
+        return p, {"step": step, "exp_avg": m, "exp_avg_sq": v, "exp_avg_diff": n,
+                   "previous_grad": g.clone()}
+
+
+class Yogi(_HO):
+    r"""Yogi (Zaheer et al.) as ``pytorch_optimizer.Yogi`` (same arguments and defaults; both
+    moments start at ``initial_accumulator``):
+    :math:`v \leftarrow v - (1-\beta_2)\,\mathrm{sign}(v - g^2)\, g^2`, otherwise as Adam.
+
+    Learnable: ``lr``, ``beta1``, ``beta2`` (default), ``eps``, ``weight_decay``."""
+
+    hypers = (_lr(), _beta("beta1", ("betas", 0)), _beta("beta2", ("betas", 1)), _eps(), _wd())
+
+    def __init__(self, params=None, lr=1e-2, betas=(0.9, 0.999), initial_accumulator=1e-6,
+                 weight_decay=0.0, weight_decouple=True, fixed_decay=False, eps=1e-3,
+                 maximize=False, foreach=None, **hg):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), initial_accumulator=initial_accumulator,
+                                      weight_decay=weight_decay, weight_decouple=weight_decouple,
+                                      fixed_decay=fixed_decay, eps=eps, maximize=maximize,
+                                      foreach=foreach), **hg)
+
+    def options(self, group, v):
+        return dict(maximize=group["maximize"], decouple=group["weight_decouple"],
+                    fixed=group["fixed_decay"], init=float(group["initial_accumulator"]),
+                    wd=_on(v["weight_decay"]))
+
+    @staticmethod
+    def init_state(p, o):
+        return {"step": _step0(), "exp_avg": torch.full_like(p, o["init"]),
+                "exp_avg_sq": torch.full_like(p, o["init"])}
+
+    @staticmethod
+    def uses_param(o):
+        return o["wd"]
+
+    @staticmethod
+    def update(p, g, s, h, o):
+        lr, b1, b2 = h["lr"], h["beta1"], h["beta2"]
+        step = s["step"] + 1
+        if o["wd"]:
+            if o["decouple"]:
+                p = p * (1.0 - h["weight_decay"] * (1.0 if o["fixed"] else lr))
+            else:
+                g = g + h["weight_decay"] * p
+        g2 = g * g
+        m = _lerp(s["exp_avg"], g, 1 - b1)
+        v = s["exp_avg_sq"] - (1 - b2) * torch.sign(s["exp_avg_sq"] - g2) * g2
+        denom = v.sqrt() / (1 - b2 ** step).sqrt() + h["eps"]
+        return p - lr / (1 - b1 ** step) * (m / denom), {"step": step, "exp_avg": m, "exp_avg_sq": v}
+
+
+class Lion(_HO):
+    r"""Lion (Chen et al.) as ``lion_pytorch.Lion`` (same arguments and defaults):
+    :math:`p \leftarrow p(1-\eta\lambda) - \eta\,\mathrm{sign}(\beta_1 m + (1-\beta_1) g),\;
+    m \leftarrow \beta_2 m + (1-\beta_2) g`.
+
+    Learnable: ``lr`` (default), ``weight_decay``. The betas may be listed in ``learn`` but their
+    hyper-gradient is zero: the derivative of sign() is zero almost everywhere."""
+
+    hypers = (_lr(), _beta("beta1", ("betas", 0), default_learn=False, hi_open=False),
+              _beta("beta2", ("betas", 1), default_learn=False, hi_open=False), _wd())
+
+    def __init__(self, params=None, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, use_triton=False,
+                 decoupled_weight_decay=False, **hg):
+        _refuse("Lion", use_triton=use_triton)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay), **hg)
+
+    def add_param_group(self, param_group):
+        # lion_pytorch divides decoupled weight decay by the constructor's lr
+        param_group.setdefault("init_lr", float(param_group.get("lr", self._hg_defaults["lr"])))
+        super().add_param_group(param_group)
+
+    def options(self, group, v):
+        return dict(maximize=False, decoupled=group["decoupled_weight_decay"],
+                    init_lr=float(group["init_lr"]))
+
+    @staticmethod
+    def init_state(p, o):
+        return {"exp_avg": torch.zeros_like(p)}
+
+    @staticmethod
+    def update(p, g, s, h, o):
+        lr, b1, b2, wd = h["lr"], h["beta1"], h["beta2"], h["weight_decay"]
+        if o["decoupled"]:
+            wd = wd / o["init_lr"]
+        p = p * (1.0 - lr * wd)
+        u = torch.sign(s["exp_avg"] * b1 + (1.0 - b1) * g)
+        return p - lr * u, {"exp_avg": s["exp_avg"] * b2 + (1.0 - b2) * g}
+
+
+class Adafactor(_HO):
+    r"""Adafactor as ``torch.optim.Adafactor``: factored second moments for matrices, relative
+    step size :math:`\alpha_t = \max(\epsilon_2, \mathrm{RMS}(p))\min(\eta, 1/\sqrt t)`, update
+    clipping at ``d``.
+
+    Learnable: ``lr`` (default; it has a gradient while ``lr < 1/sqrt(t)``), ``beta2_decay``,
+    ``d`` (a gradient where the clipping is active), ``weight_decay``."""
+
+    hypers = (_lr(), Hyper("beta2_decay", "beta2_decay", lo=-INF, hi=0.0, default_learn=False),
+              Hyper("d", "d", lo=1.0, default_learn=False), _wd())
+
+    def __init__(self, params=None, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                 weight_decay=0.0, *, foreach=None, maximize=False, **hg):
+        eps = tuple(eps)
+        if eps[0] is not None and not 0.0 <= eps[0]:
+            raise ValueError(f"epsilon1 should be >= 0 but is: {eps[0]}")
+        if not 0.0 <= eps[1]:
+            raise ValueError(f"epsilon2 should be >= 0 but is: {eps[1]}")
+        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
+                                      weight_decay=weight_decay, foreach=foreach, maximize=maximize),
+                         **hg)
+
+    def options(self, group, v):
+        return dict(maximize=group["maximize"], eps1=group["eps"][0], eps2=float(group["eps"][1]),
+                    wd=_on(v["weight_decay"]))
+
+    @staticmethod
+    def init_state(p, o):
+        s = {"step": _step0()}
+        if p.dim() > 1:
+            s["row_var"] = p.new_zeros(p.shape[:-1] + (1,))
+            s["col_var"] = p.new_zeros(p.shape[:-2] + (1,) + p.shape[-1:])
+        else:
+            s["variance"] = torch.zeros_like(p)
+        return s
+
+    @staticmethod
+    def update(p, g, s, h, o):
+        lr = h["lr"]
+        eps1 = o["eps1"] if o["eps1"] is not None else torch.finfo(p.dtype).eps
+        step = s["step"] + 1
+        w = step ** h["beta2_decay"]
+        rho = torch.minimum(lr, 1 / step ** 0.5)
+        alpha = torch.clamp(p.norm(2) / p.numel() ** 0.5, min=o["eps2"]) * rho
+        if o["wd"]:
+            p = p * (1 - lr * h["weight_decay"])
+        new = {"step": step}
+        if g.dim() > 1:
+            row_mean = g.norm(dim=-1, keepdim=True).square() / g.size(-1)
+            row_var = _lerp(s["row_var"], row_mean, w)
+            col_mean = g.norm(dim=-2, keepdim=True).square() / g.size(-2)
+            col_var = _lerp(s["col_var"], col_mean, w)
+            new["row_var"], new["col_var"] = row_var, col_var
+            var = (row_var @ col_var) / row_var.mean(dim=-2, keepdim=True).clamp(min=eps1)
+        else:
+            var = _lerp(s["variance"], g * g, w)
+            new["variance"] = var
+        upd = var.clamp(min=eps1 * eps1).rsqrt() * g
+        denom = torch.clamp(upd.norm(2) / (upd.numel() ** 0.5 * h["d"]), min=1.0)
+        return p - alpha / denom * upd, new
+
+
+OPTIMIZERS = {c.__name__: c for c in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, NAdam, Adan, Yogi,
+                                      Lion, Adafactor)}

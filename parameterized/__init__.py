@@ -1,0 +1,1 @@
+"""Parameterized optimizer families whose coefficients are learned by hyper-gradient descent."""
