@@ -5,10 +5,11 @@
 """
 
 from .core import Hyper, HyperOptimizer, hyper_dtype
+from .wrap import WrappedOptimizer, wrap
 from .optimizers import (OPTIMIZERS, SGD, Adadelta, Adafactor, Adagrad, Adam, Adan, AdamW, Lion, NAdam,
                          RMSprop, Yogi)
 
 __version__ = "0.1.0"
 
-__all__ = ["Hyper", "HyperOptimizer", "hyper_dtype", "OPTIMIZERS", "SGD", "Adagrad", "Adadelta",
+__all__ = ["Hyper", "HyperOptimizer", "hyper_dtype", "wrap", "WrappedOptimizer", "OPTIMIZERS", "SGD", "Adagrad", "Adadelta",
            "RMSprop", "Adam", "AdamW", "NAdam", "Adan", "Yogi", "Lion", "Adafactor"]

@@ -657,20 +657,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         if self.below is not None:
             raise RuntimeError("step() is driven by the bottom level of the stack; call step() on the "
                                "optimizer of the model parameters")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        levels = self.levels
-        for lvl in levels:
-            lvl._hg_sync()
-        for lvl in levels[:-1]:
-            lvl._hg_hypergrad()
-        for k in range(len(levels) - 1, 0, -1):
-            levels[k]._hg_update()
-            levels[k - 1]._hg_refresh()
-        self._hg_update()
-        return loss
+        return drive(self, closure)
 
     def _hg_refresh(self):
         for hv in self._hg_learned_vars():
@@ -864,6 +851,24 @@ class HyperOptimizer(torch.optim.Optimizer):
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+def drive(bottom, closure=None):
+    """One step of the stack whose bottom level is ``bottom`` (see the module docstring)."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    levels = bottom.levels
+    for lvl in levels:
+        lvl._hg_sync()
+    for lvl in levels[:-1]:
+        lvl._hg_hypergrad()
+    for k in range(len(levels) - 1, 0, -1):
+        levels[k]._hg_update()
+        levels[k - 1]._hg_refresh()
+    bottom._hg_update()
+    return loss
 
 
 def _get(group: dict, key):
