@@ -53,6 +53,27 @@ def _step0():
     return torch.zeros((), dtype=_scalar_dtype())
 
 
+class _SafeSqrt(torch.autograd.Function):
+    """sqrt whose derivative is 0 where its input is 0. A second moment is 0 only where the
+    gradient and the old moment are 0, and there its derivative in every hyperparameter is 0
+    too: the true product 0 * inf is 0, autograd's would be NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.sqrt(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return torch.where(y > 0, grad / (2 * y), torch.zeros_like(grad))
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    return _SafeSqrt.apply(x) if torch.is_grad_enabled() and x.requires_grad else torch.sqrt(x)
+
+
 def _lerp(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
     if isinstance(w, Tensor) and w.dim() and w.dtype != a.dtype:
         return a + w * (b - a)
@@ -187,7 +208,7 @@ class Adagrad(_HO):
             g = g + h["weight_decay"] * p
         clr = h["lr"] / (1 + (step - 1) * h["lr_decay"])
         ssum = s["sum"] + g * g
-        std = ssum.sqrt() + h["eps"]
+        std = _sqrt(ssum) + h["eps"]
         return p - clr * (g / std), {"step": step, "sum": ssum}
 
 
@@ -227,8 +248,8 @@ class Adadelta(_HO):
         if o["wd"]:
             g = g + h["weight_decay"] * p
         sq = s["square_avg"] * rho + (1 - rho) * g * g
-        std = (sq + eps).sqrt()
-        delta = (s["acc_delta"] + eps).sqrt() / std * g
+        std = _sqrt(sq + eps)
+        delta = _sqrt(s["acc_delta"] + eps) / std * g
         acc = s["acc_delta"] * rho + (1 - rho) * delta * delta
         return p - h["lr"] * delta, {"step": s["step"] + 1, "square_avg": sq, "acc_delta": acc}
 
@@ -284,9 +305,9 @@ class RMSprop(_HO):
         if o["centered"]:
             ga = _lerp(s["grad_avg"], g, 1 - alpha)
             new["grad_avg"] = ga
-            avg = (sq - ga * ga).sqrt()
+            avg = _sqrt(sq - ga * ga)
         else:
-            avg = sq.sqrt()
+            avg = _sqrt(sq)
         avg = avg + h["eps"]
         if o["momentum"]:
             buf = s["momentum_buffer"] * h["momentum"] + g / avg
@@ -355,7 +376,7 @@ class Adam(_HO):
         if o["amsgrad"]:
             v = torch.maximum(s["max_exp_avg_sq"], v)
             new["max_exp_avg_sq"] = v
-        denom = v.sqrt() / bc2 ** 0.5 + h["eps"]
+        denom = _sqrt(v) / bc2 ** 0.5 + h["eps"]
         return p - (lr / bc1) * (m / denom), new
 
 
@@ -418,7 +439,7 @@ class NAdam(_HO):
         mu_product = s["mu_product"] * mu
         m = _lerp(s["exp_avg"], g, 1 - b1)
         v = s["exp_avg_sq"] * b2 + (1 - b2) * g * g
-        denom = (v / bc2).sqrt() + h["eps"]
+        denom = _sqrt(v / bc2) + h["eps"]
         mu_product_next = mu_product * mu_next
         p = p + (-lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom)
         p = p + (-lr * mu_next / (1.0 - mu_product_next)) * (m / denom)
@@ -481,7 +502,7 @@ class Adan(_HO):
         n = _lerp(s["exp_avg_diff"], diff, 1 - b2)
         ghat = diff * b2 + g
         v = s["exp_avg_sq"] * b3 + (1 - b3) * ghat * ghat
-        denom = v.sqrt() / (1 - b3 ** step).sqrt() + eps
+        denom = _sqrt(v) / (1 - b3 ** step).sqrt() + eps
         if o["wd"] and o["decouple"]:
             p = p * (1 - lr * h["weight_decay"])
         p = p - lr / (1 - b1 ** step) * (m / denom)
@@ -535,7 +556,7 @@ class Yogi(_HO):
         g2 = g * g
         m = _lerp(s["exp_avg"], g, 1 - b1)
         v = s["exp_avg_sq"] - (1 - b2) * torch.sign(s["exp_avg_sq"] - g2) * g2
-        denom = v.sqrt() / (1 - b2 ** step).sqrt() + h["eps"]
+        denom = _sqrt(v) / (1 - b2 ** step).sqrt() + h["eps"]
         return p - lr / (1 - b1 ** step) * (m / denom), {"step": step, "exp_avg": m, "exp_avg_sq": v}
 
 

@@ -316,3 +316,21 @@ def test_non_finite_hypergradient_skips_the_hyper_step():
     assert opt.hyper_steps_skipped == 1
     for k, v in opt.hyperparameters().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_dead_features_give_finite_hypergradients(case):
+    """Entries whose gradient is always 0 (an input that is always 0, as the border pixels of
+    digits) keep second moments at exactly 0: the hyper-gradients must stay finite there."""
+    model = MLP()
+    opt = case.ours(model.parameters(), **case.fd_kw, hyper=hg.SGD(lr=0.0), learn=case.learnable)
+    for t in range(1, 6):
+        x, y = batch(t)
+        x[:, 0] = 0.0
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        if t > 1:
+            for name, g in opt.hypergradients().items():
+                assert torch.isfinite(g), f"{case.name} {name}: {g}"
+    assert opt.hyper_steps_skipped == 0
