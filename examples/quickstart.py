@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import hypergrad as hg
+from parameterized import COEFFICIENTS, MADA
 
 
 def optimizers(lr):
@@ -36,13 +37,10 @@ def optimizers(lr):
         # torch's own Adam, its lr learned from the updates it applies
         "wrap(torch Adam)": lambda p: hg.wrap(torch.optim.Adam(p, lr=lr), hyper=hg.SGD(lr=1e-4)),
     }
-    try:  # the MADA family lives in the `parameterized` package
-        from parameterized import MADA
-        out["MADA"] = lambda p: MADA(p, lr=lr, weight_decay=0.0, learn_lr=True,
-                                     hyper=hg.SGD(lr=1e-4, per_name={**betas, "beta3": 1e-3, "c": 1e-3,
-                                                                     "rho": 1e-3, "gamma": 1e-3}))
-    except ImportError:
-        pass
+    # MADA: learns which optimizer to be (its six coefficients) and, here, its lr as well
+    out["MADA"] = lambda p: MADA(p, lr=lr, learn=COEFFICIENTS + ("lr",),
+                                 hyper=hg.SGD(lr=1e-4, per_name={**betas, "beta3": 1e-3, "c": 1e-3,
+                                                                 "rho": 1e-3, "gamma": 1e-3}))
     return out
 
 
@@ -123,15 +121,16 @@ def main():
         print("\n(matplotlib not installed: no plot)")
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, log in curves.items():
+    for i, (name, log) in enumerate(curves.items()):
+        color = f"C{i}"
         steps = [r["step"] for r in log]
         k = 20
         loss = [sum(r["loss"] for r in log[max(0, i - k):i + 1]) / len(log[max(0, i - k):i + 1])
                 for i in range(len(log))]
-        axes[0].plot(steps, loss, label=name)
-        axes[1].plot(steps, [r["lr"] for r in log], label=name)
+        axes[0].plot(steps, loss, label=name, color=color)
+        axes[1].plot(steps, [r["lr"] for r in log], label=name, color=color)
         if "beta1" in log[0]:
-            axes[2].plot(steps, [r["beta1"] for r in log], label=f"{name} beta1")
+            axes[2].plot(steps, [r["beta1"] for r in log], label=name, color=color)
     axes[0].set(title="training loss (running mean)", xlabel="step", yscale="log")
     axes[1].set(title="learning rate", xlabel="step", yscale="log")
     axes[2].set(title="beta1", xlabel="step")

@@ -236,7 +236,8 @@ class HyperVar:
 # The base class
 # --------------------------------------------------------------------------------------------
 
-_HG_KWARGS = ("hyper", "learn", "scope", "bounds", "reparam", "per_name")
+_HG_KWARGS = ("hyper", "learn", "scope", "bounds", "reparam", "per_name", "hyper_warmup",
+              "hypergrad_clip")
 
 
 class HyperOptimizer(torch.optim.Optimizer):
@@ -271,6 +272,12 @@ class HyperOptimizer(torch.optim.Optimizer):
         Only for a hyper level: per-name overrides of this level's own hyperparameters for the
         hyperparameters of the level below, ``{"beta1": 5e-4}`` (a number sets ``lr``) or
         ``{"beta1": {"lr": 5e-4, "momentum": 0.9}}``. Names without an entry share one group.
+    hyper_warmup
+        No hyper-steps for this level's hyperparameters during the first ``hyper_warmup``
+        steps (default 0).
+    hypergrad_clip
+        Clip the hyper-gradient of each learned hyperparameter (per param group, or per tensor
+        of its scope) to this norm before the level above uses it (default: no clipping).
     """
 
     hypers: ClassVar[tuple[Hyper, ...]] = ()
@@ -373,6 +380,16 @@ class HyperOptimizer(torch.optim.Optimizer):
         for n, v in per_name.items():
             norm[n] = dict(v) if isinstance(v, dict) else {"lr": v}
         self._hg_per_name = norm
+
+        warmup = hg.get("hyper_warmup") or 0
+        if int(warmup) != warmup or warmup < 0:
+            raise ValueError(f"hyper_warmup must be a non-negative integer, got {warmup!r}")
+        self._hg_warmup = int(warmup)
+        clip = hg.get("hypergrad_clip")
+        if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+            raise ValueError(f"hypergrad_clip must be a positive number or None, got {clip!r}")
+        self._hg_clip = None if clip is None else float(clip)
+        self._hg_t = 0
 
         self._hg_hyper: HyperOptimizer | None = hyper
         self._hg_defaults = defaults
@@ -716,7 +733,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             hv.grad = [None] * len(hv.value)
             for r in hv.raw:
                 r.grad = None
-        if not learned:
+        if not learned or self._hg_t <= self._hg_warmup:
             return
         outs, gouts, leaves, owners = [], [], [], []
         leafmap: dict[int, Tensor] = {}
@@ -764,6 +781,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         drop all of them for this step if any is non-finite."""
         done = set()
         finite = True
+        clip = getattr(self, "_hg_clip", None)
         for hv, idx, snap in owners:
             key = (id(hv), idx)
             if key in done:
@@ -771,6 +789,8 @@ class HyperOptimizer(torch.optim.Optimizer):
             done.add(key)
             gq = acc[key]
             hv.grad[idx] = gq
+            if clip is not None:  # the level above receives a clipped hyper-gradient
+                gq = gq * torch.clamp(clip / (torch.linalg.vector_norm(gq) + 1e-30), max=1.0)
             raw_grad = gq * hv.transform.dq_dz(snap.to(gq.dtype)) if hv.transform.name else gq
             hv.raw[idx].grad = raw_grad.to(hv.raw[idx].dtype)
         if acc:
@@ -800,6 +820,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             "raw": [{n: [r.detach().clone() for r in hv.raw] for n, hv in vars.items()}
                     for vars in self._hg_vars],
             "hyper_steps_skipped": self.hyper_steps_skipped,
+            "t": self._hg_t,
             "hyper": None if self._hg_hyper is None else self._hg_hyper.state_dict(),
             "type": type(self).__name__,
         }
@@ -844,6 +865,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                 _set(group, hv.spec.key, hv.entry())
             self._hg_opts[gi] = self.options(group, self._hg_floats(gi))
         self.hyper_steps_skipped = int(extra.get("hyper_steps_skipped", 0))
+        self._hg_t = int(extra.get("t", 0))
         if self._hg_hyper is not None:
             self._hg_hyper.load_state_dict(extra["hyper"])
 
@@ -861,6 +883,7 @@ def drive(bottom, closure=None):
             loss = closure()
     levels = bottom.levels
     for lvl in levels:
+        lvl._hg_t += 1
         lvl._hg_sync()
     for lvl in levels[:-1]:
         lvl._hg_hypergrad()

@@ -129,6 +129,8 @@ class WrappedOptimizer:
         self._prev: dict[Tensor, Tensor] = {}
         self._lr_used: list[Tensor | None] = []
         self.hyper_steps_skipped = 0
+        self._hg_t = 0
+        self._hg_clip = None
         for g in optimizer.param_groups:
             self._add_group(g)
         hyper._hg_bind(self)

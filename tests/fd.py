@@ -41,7 +41,9 @@ def step_size(name: str, q: float, reparam: bool = False) -> float:
     if name.startswith("beta") or name in ("momentum", "rho", "alpha", "dampening"):
         s = min(abs(q), abs(1 - q)) or 1e-2
     elif name == "eps":
-        s = max(abs(q), 1e-4)
+        # eps matters on the scale of sqrt(v), which can be far below eps itself at a hyper
+        # level (tiny hyper-gradients): stay within a few percent of eps
+        return 0.03 * abs(q) if q else 1e-10
     else:
         s = abs(q) or 1e-2
     return 1e-4 * s

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 import hypergrad as hg
+from parameterized import MADA
 
 
 def _lion(params, **kw):
@@ -28,6 +29,11 @@ def _adan(params, **kw):
 def _yogi(params, **kw):
     import pytorch_optimizer
     return pytorch_optimizer.Yogi(params, **kw)
+
+
+def _adamw_for_mada(params, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, **_):
+    """MADA's Adam corner (beta3=0, c=rho=gamma=1, its defaults) is torch's AdamW."""
+    return torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
 
 
 @dataclass
@@ -90,6 +96,12 @@ CASES = [
           maximize=True)],
          hyper_kw=dict(lr=1e-3), fd_kw=dict(lr=0.1, weight_decay=0.01, d=1.02, beta2_decay=-0.3)),
 ]
+
+CASES.append(
+    Case("MADA", MADA, _adamw_for_mada,
+         [dict(), dict(lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1)],
+         hyper_kw=dict(lr=1e-4, beta3=0.1, c=0.5, rho=0.5, gamma=0.5),
+         fd_kw=dict(lr=1e-2, beta1=0.85, beta3=0.1, c=0.5, rho=0.5, gamma=0.5, weight_decay=0.01)))
 
 BY_NAME = {c.name: c for c in CASES}
 

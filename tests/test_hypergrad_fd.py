@@ -14,7 +14,7 @@ T = 6
 
 
 # the derivative of sign() is zero: Lion's betas get no hyper-gradient through the update
-ZERO = {("Lion", "beta1"), ("Lion", "beta2")}
+ZERO = {("Lion", "beta1"), ("Lion", "beta2"), ("MADA", "lion_beta1"), ("MADA", "lion_beta2")}
 
 
 def check(build, targets, T=T, case=None):
