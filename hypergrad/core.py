@@ -237,7 +237,8 @@ class HyperVar:
 # --------------------------------------------------------------------------------------------
 
 _HG_KWARGS = ("hyper", "learn", "scope", "bounds", "reparam", "per_name", "hyper_warmup",
-              "hypergrad_clip")
+              "hypergrad_clip", "backend")
+BACKENDS = ("auto", "closed", "autograd")
 
 
 class HyperOptimizer(torch.optim.Optimizer):
@@ -278,6 +279,11 @@ class HyperOptimizer(torch.optim.Optimizer):
     hypergrad_clip
         Clip the hyper-gradient of each learned hyperparameter (per param group, or per tensor
         of its scope) to this norm before the level above uses it (default: no clipping).
+    backend
+        ``"auto"`` (default): the rule's closed-form hyper-gradients where it has them for the
+        configuration, else the generic path; ``"closed"``: closed forms or an error;
+        ``"autograd"``: always the generic path (autograd through the recorded update, the
+        reference the closed forms are tested against).
     """
 
     hypers: ClassVar[tuple[Hyper, ...]] = ()
@@ -296,6 +302,16 @@ class HyperOptimizer(torch.optim.Optimizer):
     def update(p: Tensor, g: Tensor, state: dict, h: dict, opts: dict):
         """Pure update rule: returns ``(new_p, new_state)``; must not modify its inputs."""
         raise NotImplementedError
+
+    # Closed form (optional): ``hyper_terms(gt, p, state, h, opts, names)`` returns, for each
+    # name, the element-wise product of the new gradient ``gt`` with d x_s / d q, computed from
+    # the state after step s (which ``update`` extends with ``hg_*`` entries when
+    # ``opts["hg_save"]`` is set) and the values ``h`` used at step s.
+    hyper_terms = None
+
+    def closed_form_ok(self, opts: dict, vars: dict) -> bool:
+        """Whether the closed form covers a group with these options and hyperparameters."""
+        return True
 
     @staticmethod
     def uses_param(opts: dict) -> bool:
@@ -390,6 +406,10 @@ class HyperOptimizer(torch.optim.Optimizer):
             raise ValueError(f"hypergrad_clip must be a positive number or None, got {clip!r}")
         self._hg_clip = None if clip is None else float(clip)
         self._hg_t = 0
+        backend = hg.get("backend") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self._hg_backend = backend
 
         self._hg_hyper: HyperOptimizer | None = hyper
         self._hg_defaults = defaults
@@ -688,46 +708,67 @@ class HyperOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support complex gradients")
         return -g if opts.get("maximize") else g
 
+    def _hg_closed(self, gi: int) -> bool:
+        """Whether param group ``gi`` takes the closed-form path (else the generic one)."""
+        if self._hg_backend == "autograd" or not self._hg_learn or type(self).hyper_terms is None:
+            return False
+        ok = self.closed_form_ok(self._hg_opts[gi], self._hg_vars[gi])
+        if not ok and self._hg_backend == "closed":
+            raise RuntimeError(f"{type(self).__name__}: backend='closed' but the closed form does not "
+                               f"cover this configuration ({ok.reason if hasattr(ok, 'reason') else ok})")
+        return bool(ok)
+
     def _hg_update(self) -> None:
+        """Update this level's parameters in place, recording what the next hyper-gradient needs."""
         record = bool(self._hg_learn)
         snaps: dict[int, list[Tensor]] = {}
-        if record:
+        if record:  # the hyperparameter values this step uses
             for vars in self._hg_vars:
                 for hv in vars.values():
                     if id(hv) not in snaps:
                         snaps[id(hv)] = [v.detach().clone() for v in hv.value]
         for gi, group in enumerate(self.param_groups):
             vars, opts = self._hg_vars[gi], self._hg_opts[gi]
+            closed = record and self._hg_closed(gi)
+            o = dict(opts, hg_save=True) if closed else opts
             for i, p in enumerate(group["params"]):
                 st = self.state[p]
                 if p.grad is None:
                     st.pop(_RECORD, None)
                     continue
                 g = self._hg_grad(p, opts)
-                if "step" not in st and not any(k != _RECORD for k in st):
+                if not any(k != _RECORD for k in st):
                     st.update(self.init_state(p, opts))
                 h = {n: hv.value[0 if len(hv.value) == 1 else i] for n, hv in vars.items()}
                 old = {k: v for k, v in st.items() if k != _RECORD}
-                new_p, new_state = self.update(p, g, old, h, opts)
+                new_p, new_state = self.update(p, g, old, h, o)
                 b = self._hg_proj.get(p)
+                mask = None
                 if b is not None:
+                    if closed:  # where the projection clips, the derivative is 0
+                        mask = (new_p >= b[0]) & (new_p <= b[1])
                     new_p = new_p.clamp(b[0], b[1])
                 if record:
-                    st[_RECORD] = {
-                        # the old value only matters where the rule reads it or a projection clips
-                        "p": p.clone() if b is not None or self.uses_param(opts) else None,
-                        "g": g.clone(),
-                        "state": old,
-                        "h": {n: snaps[id(hv)][0 if len(hv.value) == 1 else i] for n, hv in vars.items()},
-                    }
+                    hs = {n: snaps[id(hv)][0 if len(hv.value) == 1 else i] for n, hv in vars.items()}
+                    if closed:  # the rule's update saved what its closed form needs (hg_* state)
+                        st[_RECORD] = {"h": hs, "mask": mask}
+                    else:
+                        st[_RECORD] = {
+                            # the old value only matters where the rule reads it or a projection clips
+                            "p": p.clone() if b is not None or self.uses_param(opts) else None,
+                            "g": g.clone(),
+                            "state": old,
+                            "h": hs,
+                        }
                 for k, v in new_state.items():
-                    o = old.get(k)
-                    st[k] = v if o is None or v.dtype == o.dtype else v.to(o.dtype)
+                    ov = old.get(k)
+                    st[k] = v if ov is None or v.dtype == ov.dtype else v.to(ov.dtype)
                 p.copy_(new_p)
 
     def _hg_hypergrad(self) -> None:
-        """Compute d f_t / d q for every learned hyperparameter (generic path: autograd through
-        the recorded update) and store it, in raw space, as ``.grad`` of the raw tensors."""
+        """Compute d f_t / d q for every learned hyperparameter and store it, in raw space, as
+        ``.grad`` of the raw tensors: from the rule's closed form where the last update recorded
+        for it, else generically (autograd through the recorded update)."""
         learned = self._hg_learned_vars()
         for hv in learned:
             hv.grad = [None] * len(hv.value)
@@ -735,16 +776,40 @@ class HyperOptimizer(torch.optim.Optimizer):
                 r.grad = None
         if not learned or self._hg_t <= self._hg_warmup:
             return
-        outs, gouts, leaves, owners = [], [], [], []
+        owners: list = []
+        acc: dict[tuple[int, int], Tensor] = {}
+        outs, gouts, leaves, leaf_owners = [], [], [], []
         leafmap: dict[int, Tensor] = {}
-        with torch.enable_grad():
-            for gi, group in enumerate(self.param_groups):
-                vars, opts = self._hg_vars[gi], self._hg_opts[gi]
-                for i, p in enumerate(group["params"]):
-                    st = self.state.get(p)
-                    rec = st.get(_RECORD) if st else None
-                    if rec is None or p.grad is None:
-                        continue
+        for gi, group in enumerate(self.param_groups):
+            vars, opts = self._hg_vars[gi], self._hg_opts[gi]
+            names = tuple(n for n, hv in vars.items() if hv.learned)
+            for i, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                rec = st.get(_RECORD) if st else None
+                if rec is None or p.grad is None:
+                    continue
+                gt = self._hg_grad(p, opts)
+                if "state" not in rec:  # closed form
+                    terms = self.hyper_terms(gt, p, st, rec["h"], opts, names)
+                    for n in names:
+                        hv = vars[n]
+                        idx = 0 if len(hv.value) == 1 else i
+                        t = terms.get(n)
+                        if t is None:
+                            val = torch.zeros_like(hv.value[idx])
+                        else:
+                            if rec["mask"] is not None:
+                                t = t * rec["mask"]
+                            val = (t.to(hv.value[idx].dtype) if hv.scope == "element"
+                                   else t.sum(dtype=hv.value[idx].dtype))
+                        key = (id(hv), idx)
+                        if key in acc:
+                            acc[key] = acc[key] + val
+                        else:
+                            acc[key] = val
+                            owners.append((hv, idx, rec["h"][n]))
+                    continue
+                with torch.enable_grad():  # generic: autograd through the recorded update
                     h = {}
                     for n, snap in rec["h"].items():
                         hv = vars[n]
@@ -754,7 +819,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                                 leaf = snap.detach().requires_grad_(True)
                                 leafmap[id(snap)] = leaf
                                 leaves.append(leaf)
-                                owners.append((hv, 0 if len(hv.value) == 1 else i, snap))
+                                leaf_owners.append((hv, 0 if len(hv.value) == 1 else i, snap))
                             h[n] = leaf
                         else:
                             h[n] = snap
@@ -763,17 +828,20 @@ class HyperOptimizer(torch.optim.Optimizer):
                     b = self._hg_proj.get(p)
                     if b is not None:
                         new_p = new_p.clamp(b[0], b[1])
-                    if not new_p.requires_grad:
-                        continue
+                if new_p.requires_grad:
                     outs.append(new_p)
-                    gouts.append(self._hg_grad(p, opts).to(new_p.dtype))
-            grads = torch.autograd.grad(outs, leaves, gouts, allow_unused=True) if outs else []
-        acc: dict[tuple[int, int], Tensor] = {}
-        for (hv, idx, snap), gr in zip(owners, grads):
-            if gr is None:
-                gr = torch.zeros_like(snap)
-            key = (id(hv), idx)
-            acc[key] = gr if key not in acc else acc[key] + gr
+                    gouts.append(gt.to(new_p.dtype))
+        if leaves:
+            grads = torch.autograd.grad(outs, leaves, gouts, allow_unused=True) if outs else [None] * len(leaves)
+            for (hv, idx, snap), gr in zip(leaf_owners, grads):
+                if gr is None:
+                    gr = torch.zeros_like(snap)
+                key = (id(hv), idx)
+                if key in acc:
+                    acc[key] = acc[key] + gr
+                else:
+                    acc[key] = gr
+                    owners.append((hv, idx, snap))
         self._hg_store(owners, acc)
 
     def _hg_store(self, owners, acc) -> None:

@@ -27,7 +27,8 @@ def _lr(**kw):
 
 
 def _beta(name, key, default_learn=True, hi_open=True):
-    return Hyper(name, key, lo=0.0, hi=1.0, hi_open=hi_open, bounds=(0.0, 0.9999),
+    # learned betas stay in [0.01, 0.9999] by default: the closed forms divide by them
+    return Hyper(name, key, lo=0.0, hi=1.0, hi_open=hi_open, bounds=(0.01, 0.9999),
                  auto_reparam="logit", default_learn=default_learn)
 
 
@@ -59,10 +60,12 @@ class _SafeSqrt(torch.autograd.Function):
     too: the true product 0 * inf is 0, autograd's would be NaN."""
 
     @staticmethod
-    def forward(ctx, x):
-        y = torch.sqrt(x)
-        ctx.save_for_backward(y)
-        return y
+    def forward(x):
+        return torch.sqrt(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad):
@@ -161,12 +164,46 @@ class SGD(_HO):
         if o["wd"]:
             g = g + h["weight_decay"] * p
         new = {}
+        if o.get("hg_save"):  # for the closed form: the effective gradient, the old buffer
+            new["hg_gprev"] = g
         if o["momentum"]:
             buf = s.get("momentum_buffer")
+            if buf is not None and o.get("hg_save"):
+                new["hg_bufprev"] = buf
             buf = g.clone() if buf is None else buf * h["momentum"] + (1 - h["dampening"]) * g
             new["momentum_buffer"] = buf
             g = g + h["momentum"] * buf if o["nesterov"] else buf
         return p - h["lr"] * g, new
+
+    @staticmethod
+    def hyper_terms(gt, p, s, h, o, names):
+        """d x_s / d q times g_t from the state after step s (x_s = x_{s-1} - lr d_s)."""
+        lr, mu = h["lr"], h["momentum"]
+        ge = s["hg_gprev"]
+        first = "hg_bufprev" not in s
+        if o["momentum"]:
+            buf = s["momentum_buffer"]
+            d = ge + mu * buf if o["nesterov"] else buf
+        else:
+            d = ge
+        out = {"lr": -gt * d}
+        if o["momentum"] and not first:
+            bp = s["hg_bufprev"]
+            if "momentum" in names:
+                out["momentum"] = -lr * gt * (buf + mu * bp if o["nesterov"] else bp)
+            if "dampening" in names:
+                out["dampening"] = lr * gt * (mu * ge if o["nesterov"] else ge)
+        elif o["momentum"] and o["nesterov"] and "momentum" in names:
+            out["momentum"] = -lr * gt * buf
+        if "weight_decay" in names:
+            xprev = p + lr * d
+            if o["momentum"]:
+                dbuf = xprev if first else (1 - h["dampening"]) * xprev
+                dd = xprev + mu * dbuf if o["nesterov"] else dbuf
+            else:
+                dd = xprev
+            out["weight_decay"] = -lr * gt * dd
+        return out
 
 
 # ------------------------------------------------------------------------------------ Adagrad
@@ -371,6 +408,8 @@ class Adam(_HO):
         m = _lerp(s["exp_avg"], g, 1 - b1)
         v = s["exp_avg_sq"] * b2 + (1 - b2) * g * g
         new = {"step": step, "exp_avg": m, "exp_avg_sq": v}
+        if o.get("hg_save"):  # the closed form reconstructs m_{s-1}, v_{s-1} from it
+            new["hg_gprev"] = g
         bc1 = 1 - b1 ** step
         bc2 = 1 - b2 ** step
         if o["amsgrad"]:
@@ -378,6 +417,60 @@ class Adam(_HO):
             new["max_exp_avg_sq"] = v
         denom = _sqrt(v) / bc2 ** 0.5 + h["eps"]
         return p - (lr / bc1) * (m / denom), new
+
+    def closed_form_ok(self, o, vars):
+        # m_{s-1} = (m_s - (1 - beta1) g_s) / beta1, and so for v: learned betas must stay > 0
+        return all(vars[n].lo > 0 for n in ("beta1", "beta2") if vars[n].learned)
+
+    @staticmethod
+    def hyper_terms(gt, p, s, h, o, names):
+        """g_t * d x_s / d q for x_s = x_{s-1} - lr/bc1 * m/(sqrt(v/bc2) + eps), from m_s, v_s and
+        the effective gradient g_s of step s (docs/math.md derives them)."""
+        lr, b1, b2, eps = h["lr"], h["beta1"], h["beta2"], h["eps"]
+        t = s["step"]
+        m, v, gs = s["exp_avg"], s["exp_avg_sq"], s["hg_gprev"]
+        vv = s["max_exp_avg_sq"] if o["amsgrad"] else v
+        bc1 = 1 - b1 ** t
+        bc2 = 1 - b2 ** t
+        isb2 = bc2 ** -0.5
+        r = torch.sqrt(vv)
+        inv_d = 1 / (r * isb2 + eps)
+        a = m * inv_d                      # x_s = x_{s-1} - lr/bc1 * a
+        sa = lr / bc1
+        dec = o["wd"] and o["decoupled"]
+        out = {}
+        xprev = None
+        if "weight_decay" in names or (dec and "lr" in names):
+            xprev = p + sa * a
+            if dec:
+                xprev = xprev / (1 - lr * h["weight_decay"])
+        if "lr" in names:
+            d = -a / bc1
+            out["lr"] = gt * (d - h["weight_decay"] * xprev if dec else d)
+        if "beta1" in names:
+            k1 = t * b1 ** (t - 1) / bc1
+            out["beta1"] = -sa * gt * inv_d * ((m - gs) / b1 + m * k1)
+        # d x_s / d sqrt(vv / bc2) = sa * a * inv_d; d sqrt(vv / bc2) = half * d(vv) (+ bias term)
+        if "beta2" in names or "weight_decay" in names:
+            half = torch.where(r > 0, 0.5 * isb2 / torch.where(r > 0, r, 1), 0)
+            ams = (v >= vv) if o["amsgrad"] else None   # vv moves with v only where v is the max
+        if "beta2" in names:
+            dv = (v - gs * gs) / b2
+            if ams is not None:
+                dv = torch.where(ams, dv, 0)
+            k2 = t * b2 ** (t - 1) / bc2
+            out["beta2"] = sa * gt * a * inv_d * half * (dv + vv * k2)
+        if "eps" in names:
+            out["eps"] = sa * gt * a * inv_d
+        if "weight_decay" in names:
+            if dec:
+                out["weight_decay"] = -lr * gt * xprev
+            else:  # g_s = grad + wd x_{s-1}
+                dv = (1 - b2) * 2 * gs * xprev
+                if ams is not None:
+                    dv = torch.where(ams, dv, 0)
+                out["weight_decay"] = -sa * gt * ((1 - b1) * xprev * inv_d - a * inv_d * half * dv)
+        return out
 
 
 class AdamW(Adam):

@@ -128,7 +128,7 @@ class MADA(_HO):
         lb1, lb2 = h["lion_beta1"], h["lion_beta2"]
         ref = o["reference"]
         t = s["step"] + 1
-        g_prev = s.get("previous_grad", g)
+        g_prev = s["previous_grad"] if "previous_grad" in s else g
         diff = g - g_prev
         g_hat = g + b3 * diff
         g_hat2 = g_hat * g_hat
@@ -148,9 +148,81 @@ class MADA(_HO):
         u = (m_lion if ref else m_lion_prev) * lb1 + (1 - lb1) * g
         if o["wd"]:
             p = p * (1 - lr * h["weight_decay"])
-        new_p = p - lr * (gamma * adam + (1 - gamma) * torch.sign(u))
-        return new_p, {"step": t, "exp_avg": m, "exp_avg_sq": v, "exp_avg_diff": n, "v_mean": v_mean,
-                       "lion_exp_avg": m_lion, "previous_grad": g.clone()}
+        lion = torch.sign(u)
+        new_p = p - lr * (gamma * adam + (1 - gamma) * lion)
+        new = {"step": t, "exp_avg": m, "exp_avg_sq": v, "exp_avg_diff": n, "v_mean": v_mean,
+               "lion_exp_avg": m_lion, "previous_grad": g.clone()}
+        if o.get("hg_save"):  # the closed form needs the inputs the state no longer shows
+            new.update(hg_g2=g_prev, hg_m=s["exp_avg"], hg_v=v_prev,
+                       hg_n=s["exp_avg_diff"] if "exp_avg_diff" in s else g * g, hg_sign=lion.to(torch.int8))
+        return new_p, new
+
+    @staticmethod
+    def hyper_terms(gt, p, s, h, o, names):
+        """g_t * d x_s / d q, from the state after step s and the saved inputs of that step
+        (g_{s-1}, m_{s-1}, v_{s-1}, n_{s-1}, sign(u_s)); docs/mada.md lists the equations."""
+        lr, b1, b2, b3 = h["lr"], h["beta1"], h["beta2"], h["beta3"]
+        c, rho, gamma, eps, wd = h["c"], h["rho"], h["gamma"], h["eps"], h["weight_decay"]
+        ref = o["reference"]
+        t = s["step"]
+        g, diff = s["previous_grad"], s["previous_grad"] - s["hg_g2"]
+        m0, v0, n0 = s["hg_m"], s["hg_v"], s["hg_n"]
+        m, v, n, vm = s["exp_avg"], s["exp_avg_sq"], s["exp_avg_diff"], s["v_mean"]
+        lion = s["hg_sign"].to(gt.dtype)
+        g_hat = g + b3 * diff
+        g_hat2 = g_hat * g_hat
+        sig = torch.sign(g_hat2 - v0)
+        g2 = c * g_hat2 + (1 - c) * (v0 + g_hat2 * sig)
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        m_hat = m / bc1
+        if ref:
+            n_hat = n
+        else:
+            bc3 = 1 - b3 ** t
+            n_hat = n / bc3
+        v_hat = (rho * v + (1 - rho) * vm) / bc2
+        r = torch.sqrt(v_hat)
+        inv_d = 1 / (r + eps)
+        adam = (m_hat + b3 * n_hat) * inv_d
+        direction = gamma * adam + (1 - gamma) * lion
+        ga = -lr * gamma * gt                                   # g_t * d x_s / d adam
+        da_dvh = -adam * inv_d * torch.where(r > 0, 0.5 / torch.where(r > 0, r, 1), 0)
+
+        def via_v(dv):  # d adam from a change of v (and of the running mean, in the corners variant)
+            dvm = 0 if ref else dv / t
+            return da_dvh * (rho * dv + (1 - rho) * dvm) / bc2
+
+        out = {}
+        if "lr" in names or "weight_decay" in names:
+            xprev = p + lr * direction
+            if o["wd"]:
+                xprev = xprev / (1 - lr * wd)
+        if "lr" in names:
+            out["lr"] = -gt * (direction + wd * xprev if o["wd"] else direction)
+        if "weight_decay" in names:
+            out["weight_decay"] = -lr * gt * xprev
+        if "gamma" in names:
+            out["gamma"] = -lr * gt * (adam - lion)
+        if "beta1" in names:
+            dm_hat = (m0 - g) / bc1 + m_hat * (t * b1 ** (t - 1) / bc1)
+            out["beta1"] = ga * dm_hat * inv_d
+        if "beta2" in names:
+            dv = v0 - g2
+            dvm = 0 if ref else dv / t
+            dvh = (rho * dv + (1 - rho) * dvm) / bc2 + v_hat * (t * b2 ** (t - 1) / bc2)
+            out["beta2"] = ga * da_dvh * dvh
+        if "beta3" in names:
+            dn = n0 - diff
+            dn_hat = dn if ref else dn / bc3 + n_hat * (t * b3 ** (t - 1) / bc3)
+            dv = (1 - b2) * (c + (1 - c) * sig) * 2 * g_hat * diff
+            out["beta3"] = ga * ((n_hat + b3 * dn_hat) * inv_d + via_v(dv))
+        if "c" in names:
+            out["c"] = ga * via_v((1 - b2) * (g_hat2 - v0 - g_hat2 * sig))
+        if "rho" in names:
+            out["rho"] = ga * da_dvh * (v - vm) / bc2
+        if "eps" in names:
+            out["eps"] = ga * (-adam * inv_d)
+        return out
 
 
 def _mada_bounds(spec):
