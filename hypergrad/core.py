@@ -237,7 +237,7 @@ class HyperVar:
 # --------------------------------------------------------------------------------------------
 
 _HG_KWARGS = ("hyper", "learn", "scope", "bounds", "reparam", "per_name", "hyper_warmup",
-              "hypergrad_clip", "backend")
+              "hypergrad_clip", "backend", "compile")
 BACKENDS = ("auto", "closed", "autograd")
 
 
@@ -284,6 +284,10 @@ class HyperOptimizer(torch.optim.Optimizer):
         configuration, else the generic path; ``"closed"``: closed forms or an error;
         ``"autograd"``: always the generic path (autograd through the recorded update, the
         reference the closed forms are tested against).
+    compile
+        ``True``: fuse each param group's update, and its closed-form hyper-gradient, into one
+        ``torch.compile``d kernel each (compiled on first use, a few seconds; needs a C++
+        compiler on CPU). Same mathematics as the eager path.
     """
 
     hypers: ClassVar[tuple[Hyper, ...]] = ()
@@ -410,6 +414,10 @@ class HyperOptimizer(torch.optim.Optimizer):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self._hg_backend = backend
+        self._hg_compile = bool(hg.get("compile", False))
+        self._hg_kernels: dict[int, Any] = {}
+        self._hg_stable: dict[int, tuple] = {}
+        self._hg_aligned: dict[int, bool] = {}
 
         self._hg_hyper: HyperOptimizer | None = hyper
         self._hg_defaults = defaults
@@ -489,7 +497,8 @@ class HyperOptimizer(torch.optim.Optimizer):
             if scope == "shared" and spec.name in self._hg_shared:
                 hv = self._hg_shared[spec.name]
                 cur = [float(t) for t in hv.value]
-                if any(x != cur[0] for x in vals):
+                # compare in the shared tensor's dtype: 1e-3 is not a float32 number
+                if any(float(torch.tensor(x, dtype=hv.value[0].dtype)) != cur[0] for x in vals):
                     raise ValueError(f"scope 'shared' for {spec.name}: param group {gi} sets "
                                      f"{_fmt(vals[0])} but the shared value is {_fmt(cur[0])}")
                 if any(d != hv.value[0].device for d in devices):
@@ -731,10 +740,14 @@ class HyperOptimizer(torch.optim.Optimizer):
             vars, opts = self._hg_vars[gi], self._hg_opts[gi]
             closed = record and self._hg_closed(gi)
             o = dict(opts, hg_save=True) if closed else opts
+            if self._hg_compile and (closed or not record) and self._hg_update_compiled(gi, o, snaps if record else None):
+                continue
+            keysets = set()
             for i, p in enumerate(group["params"]):
                 st = self.state[p]
                 if p.grad is None:
                     st.pop(_RECORD, None)
+                    self._hg_aligned[gi] = False
                     continue
                 g = self._hg_grad(p, opts)
                 if not any(k != _RECORD for k in st):
@@ -764,6 +777,42 @@ class HyperOptimizer(torch.optim.Optimizer):
                     ov = old.get(k)
                     st[k] = v if ov is None or v.dtype == ov.dtype else v.to(ov.dtype)
                 p.copy_(new_p)
+                keysets.add((frozenset(old), frozenset(new_state)) if b is None else None)
+            # the state is stable (same keys before and after, for every tensor): it can be compiled
+            if self._hg_compile:
+                ks = next(iter(keysets)) if len(keysets) == 1 else None
+                self._hg_stable[gi] = tuple(sorted(ks[1])) if ks and ks[0] == ks[1] else None
+
+    def _hg_update_compiled(self, gi, o, snaps) -> bool:
+        """The update of group ``gi`` as one compiled kernel; False where it does not apply
+        (missing gradients, projected parameters, state not yet in its steady form)."""
+        keys = self._hg_stable.get(gi)
+        group = self.param_groups[gi]
+        params = group["params"]
+        if not keys or not params or any(p.grad is None for p in params) or any(p in self._hg_proj for p in params):
+            return False
+        states = [self.state[p] for p in params]
+        if any(len(st) - (_RECORD in st) != len(keys) for st in states):
+            return False
+        grads = []
+        for p in params:
+            g = p.grad
+            if g.is_sparse or g.is_complex():
+                return False
+            grads.append(g)
+        vars = self._hg_vars[gi]
+        names = list(vars)
+        hvals = [[hv.value[0 if len(hv.value) == 1 else i] for hv in vars.values()] for i in range(len(params))]
+        kern = self._hg_kernels.get(gi)
+        if kern is None:
+            from ._compiled import GroupKernels
+            kern = self._hg_kernels[gi] = GroupKernels(type(self))
+        kern.update(params, grads, states, keys, hvals, names, o, self._hg_common_step(gi, states))
+        if snaps is not None:
+            for i, st in enumerate(states):
+                st[_RECORD] = {"h": {n: snaps[id(hv)][0 if len(hv.value) == 1 else i] for n, hv in vars.items()},
+                               "mask": None}
+        return True
 
     def _hg_hypergrad(self) -> None:
         """Compute d f_t / d q for every learned hyperparameter and store it, in raw space, as
@@ -783,6 +832,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             vars, opts = self._hg_vars[gi], self._hg_opts[gi]
             names = tuple(n for n, hv in vars.items() if hv.learned)
+            if self._hg_compile and self._hg_terms_compiled(gi, names, acc, owners):
+                continue
             for i, p in enumerate(group["params"]):
                 st = self.state.get(p)
                 rec = st.get(_RECORD) if st else None
@@ -844,6 +895,64 @@ class HyperOptimizer(torch.optim.Optimizer):
                     owners.append((hv, idx, snap))
         self._hg_store(owners, acc)
 
+    def _hg_common_step(self, gi, states, attr="coefficients"):
+        """The group's step tensor where the rule computes its scalars once per group (it has
+        ``attr``, every hyperparameter of the group is a single value, and every tensor of the
+        group has taken the same number of steps), else None."""
+        if getattr(type(self), attr, None) is None or "step" not in states[0]:
+            return None
+        if any(len(hv.value) != 1 for hv in self._hg_vars[gi].values()):
+            return None
+        if not self._hg_aligned.get(gi):
+            first = states[0]["step"]
+            if not all(torch.equal(st["step"], first) for st in states[1:]):
+                return None
+            self._hg_aligned[gi] = True
+        return states[0]["step"]
+
+    def _hg_terms_compiled(self, gi, names, acc, owners) -> bool:
+        """The closed-form hyper-gradient of group ``gi`` as one compiled kernel; False where it
+        does not apply."""
+        keys = self._hg_stable.get(gi)
+        vars = self._hg_vars[gi]
+        params = self.param_groups[gi]["params"]
+        if not keys or not names or any(vars[n].scope == "element" for n in names):
+            return False
+        states, gts = [], []
+        for p in params:
+            st = self.state.get(p)
+            rec = st.get(_RECORD) if st else None
+            if rec is None or p.grad is None or "state" in rec or rec["mask"] is not None:
+                return False
+            if len(st) - 1 != len(keys) or p.grad.is_sparse:
+                return False
+            states.append(st)
+            gts.append(p.grad)
+        all_names = list(vars)
+        hvals = [[st[_RECORD]["h"][n] for n in all_names] for st in states]
+        dtypes = [vars[n].value[0].dtype for n in names]
+        kern = self._hg_kernels.get(gi)
+        if kern is None:
+            from ._compiled import GroupKernels
+            kern = self._hg_kernels[gi] = GroupKernels(type(self))
+        step = self._hg_common_step(gi, states, "hyper_coefficients")
+        per_tensor = any(len(vars[n].value) > 1 for n in names)
+        sums = kern.terms(gts, params, states, keys, hvals, all_names, names, self._hg_opts[gi], dtypes, step,
+                          per_tensor)
+        if not per_tensor:  # one value per name for the whole group
+            sums = [sums]
+        for i, row in enumerate(sums):
+            for n, val in zip(names, row):
+                hv = vars[n]
+                idx = 0 if len(hv.value) == 1 else i
+                key = (id(hv), idx)
+                if key in acc:
+                    acc[key] = acc[key] + val
+                else:
+                    acc[key] = val
+                    owners.append((hv, idx, states[i][_RECORD]["h"][n]))
+        return True
+
     def _hg_store(self, owners, acc) -> None:
         """Store value-space hyper-gradients; give the raw tensors their raw-space gradients;
         drop all of them for this step if any is non-finite."""
@@ -861,8 +970,10 @@ class HyperOptimizer(torch.optim.Optimizer):
                 gq = gq * torch.clamp(clip / (torch.linalg.vector_norm(gq) + 1e-30), max=1.0)
             raw_grad = gq * hv.transform.dq_dz(snap.to(gq.dtype)) if hv.transform.name else gq
             hv.raw[idx].grad = raw_grad.to(hv.raw[idx].dtype)
-        if acc:
-            finite = bool(torch.stack([torch.isfinite(g).all() for g in acc.values()]).all())
+        if acc:  # one check (and one host sync) per level: NaN/inf anywhere makes the sum non-finite
+            vals = list(acc.values())
+            total = vals[0].sum() if len(vals) == 1 else torch.stack([v.sum() for v in vals]).sum()
+            finite = bool(torch.isfinite(total))
         if not finite:
             self.hyper_steps_skipped += 1
             for hv, idx, _ in owners:

@@ -397,80 +397,106 @@ class Adam(_HO):
         return o["wd"]
 
     @staticmethod
-    def update(p, g, s, h, o):
+    def coefficients(h, step, o):
+        """The scalars of update number ``step`` (computed once per group, outside the loop)."""
         lr, b1, b2 = h["lr"], h["beta1"], h["beta2"]
-        step = s["step"] + 1
+        c = {"step": step, "w1": 1 - b1, "b2": b2, "w2": 1 - b2, "eps": h["eps"],
+             "step_size": lr / (1 - b1 ** step), "bc2_sqrt": (1 - b2 ** step) ** 0.5}
+        if o["wd"]:
+            c["wd"] = h["weight_decay"]
+            if o["decoupled"]:
+                c["decay"] = 1 - lr * h["weight_decay"]
+        return c
+
+    @staticmethod
+    def apply(p, g, s, c, o):
+        """The element-wise part of the update, given ``coefficients``."""
         if o["wd"]:
             if o["decoupled"]:
-                p = p * (1 - lr * h["weight_decay"])
+                p = p * c["decay"]
             else:
-                g = g + h["weight_decay"] * p
-        m = _lerp(s["exp_avg"], g, 1 - b1)
-        v = s["exp_avg_sq"] * b2 + (1 - b2) * g * g
-        new = {"step": step, "exp_avg": m, "exp_avg_sq": v}
+                g = g + c["wd"] * p
+        m = _lerp(s["exp_avg"], g, c["w1"])
+        v = s["exp_avg_sq"] * c["b2"] + c["w2"] * g * g
+        new = {"step": c["step"], "exp_avg": m, "exp_avg_sq": v}
         if o.get("hg_save"):  # the closed form reconstructs m_{s-1}, v_{s-1} from it
             new["hg_gprev"] = g
-        bc1 = 1 - b1 ** step
-        bc2 = 1 - b2 ** step
         if o["amsgrad"]:
             v = torch.maximum(s["max_exp_avg_sq"], v)
             new["max_exp_avg_sq"] = v
-        denom = _sqrt(v) / bc2 ** 0.5 + h["eps"]
-        return p - (lr / bc1) * (m / denom), new
+        denom = _sqrt(v) / c["bc2_sqrt"] + c["eps"]
+        return p - c["step_size"] * (m / denom), new
+
+    @staticmethod
+    def update(p, g, s, h, o):
+        return Adam.apply(p, g, s, Adam.coefficients(h, s["step"] + 1, o), o)
 
     def closed_form_ok(self, o, vars):
         # m_{s-1} = (m_s - (1 - beta1) g_s) / beta1, and so for v: learned betas must stay > 0
         return all(vars[n].lo > 0 for n in ("beta1", "beta2") if vars[n].learned)
 
     @staticmethod
-    def hyper_terms(gt, p, s, h, o, names):
-        """g_t * d x_s / d q for x_s = x_{s-1} - lr/bc1 * m/(sqrt(v/bc2) + eps), from m_s, v_s and
-        the effective gradient g_s of step s (docs/math.md derives them)."""
-        lr, b1, b2, eps = h["lr"], h["beta1"], h["beta2"], h["eps"]
-        t = s["step"]
-        m, v, gs = s["exp_avg"], s["exp_avg_sq"], s["hg_gprev"]
-        vv = s["max_exp_avg_sq"] if o["amsgrad"] else v
+    def hyper_coefficients(h, t, o):
+        """The scalars of the closed form for the update number ``t``."""
+        lr, b1, b2 = h["lr"], h["beta1"], h["beta2"]
         bc1 = 1 - b1 ** t
         bc2 = 1 - b2 ** t
-        isb2 = bc2 ** -0.5
+        c = {"lr": lr, "bc1": bc1, "isb2": bc2 ** -0.5, "sa": lr / bc1, "ib1": 1 / b1, "ib2": 1 / b2,
+             "k1": t * b1 ** (t - 1) / bc1, "k2": t * b2 ** (t - 1) / bc2, "eps": h["eps"],
+             "w1": 1 - b1, "w2": 1 - b2, "wd": h["weight_decay"]}
+        if o["wd"] and o["decoupled"]:
+            c["decay"] = 1 - lr * h["weight_decay"]
+        return c
+
+    @staticmethod
+    def hyper_apply(gt, p, s, c, o, names):
+        """g_t * d x_s / d q, element-wise, for x_s = x_{s-1} - lr/bc1 * m/(sqrt(v/bc2) + eps),
+        from m_s, v_s and the effective gradient g_s of step s (docs/math.md derives them)."""
+        m, v, gs = s["exp_avg"], s["exp_avg_sq"], s["hg_gprev"]
+        vv = s["max_exp_avg_sq"] if o["amsgrad"] else v
         r = torch.sqrt(vv)
-        inv_d = 1 / (r * isb2 + eps)
-        a = m * inv_d                      # x_s = x_{s-1} - lr/bc1 * a
-        sa = lr / bc1
+        d = r * c["isb2"] + c["eps"]
+        pos = r > 0
+        q = 1 / torch.where(pos, r * d, 1)   # one division for 1/d and 1/r (it is the costly op)
+        inv_d = torch.where(pos, r * q, 1 / d)
+        a = m * inv_d                      # x_s = x_{s-1} - sa * a
+        sa = c["sa"]
         dec = o["wd"] and o["decoupled"]
         out = {}
         xprev = None
         if "weight_decay" in names or (dec and "lr" in names):
             xprev = p + sa * a
             if dec:
-                xprev = xprev / (1 - lr * h["weight_decay"])
+                xprev = xprev / c["decay"]
         if "lr" in names:
-            d = -a / bc1
-            out["lr"] = gt * (d - h["weight_decay"] * xprev if dec else d)
+            dlr = -a / c["bc1"]
+            out["lr"] = gt * (dlr - c["wd"] * xprev if dec else dlr)
         if "beta1" in names:
-            k1 = t * b1 ** (t - 1) / bc1
-            out["beta1"] = -sa * gt * inv_d * ((m - gs) / b1 + m * k1)
+            out["beta1"] = -sa * gt * inv_d * ((m - gs) * c["ib1"] + m * c["k1"])
         # d x_s / d sqrt(vv / bc2) = sa * a * inv_d; d sqrt(vv / bc2) = half * d(vv) (+ bias term)
         if "beta2" in names or "weight_decay" in names:
-            half = torch.where(r > 0, 0.5 * isb2 / torch.where(r > 0, r, 1), 0)
+            half = torch.where(pos, 0.5 * c["isb2"] * d * q, 0)   # 0.5 isb2 / r
             ams = (v >= vv) if o["amsgrad"] else None   # vv moves with v only where v is the max
         if "beta2" in names:
-            dv = (v - gs * gs) / b2
+            dv = (v - gs * gs) * c["ib2"]
             if ams is not None:
                 dv = torch.where(ams, dv, 0)
-            k2 = t * b2 ** (t - 1) / bc2
-            out["beta2"] = sa * gt * a * inv_d * half * (dv + vv * k2)
+            out["beta2"] = sa * gt * a * inv_d * half * (dv + vv * c["k2"])
         if "eps" in names:
             out["eps"] = sa * gt * a * inv_d
         if "weight_decay" in names:
             if dec:
-                out["weight_decay"] = -lr * gt * xprev
+                out["weight_decay"] = -c["lr"] * gt * xprev
             else:  # g_s = grad + wd x_{s-1}
-                dv = (1 - b2) * 2 * gs * xprev
+                dv = c["w2"] * 2 * gs * xprev
                 if ams is not None:
                     dv = torch.where(ams, dv, 0)
-                out["weight_decay"] = -sa * gt * ((1 - b1) * xprev * inv_d - a * inv_d * half * dv)
+                out["weight_decay"] = -sa * gt * (c["w1"] * xprev * inv_d - a * inv_d * half * dv)
         return out
+
+    @staticmethod
+    def hyper_terms(gt, p, s, h, o, names):
+        return Adam.hyper_apply(gt, p, s, Adam.hyper_coefficients(h, s["step"], o), o, names)
 
 
 class AdamW(Adam):

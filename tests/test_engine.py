@@ -96,6 +96,12 @@ def test_shared_scope_is_one_tensor_for_all_groups():
     assert opt.hyperparameters(0)["beta1"] is not opt.hyperparameters(1)["beta1"]
     train(model, opt, 3)
     assert len(opt.hyper.param_groups[0]["params"]) == 1 + 2 + 2  # one lr, two beta1, two beta2
+    # values that float32 cannot hold exactly are compared in float32
+    hg.Adam([{"params": [model.w1]}, {"params": [model.w2], "lr": 1e-3}], lr=1e-3,
+            hyper=hg.SGD(lr=1e-4), scope={"lr": "shared"})
+    m32 = MLP(dtype=torch.float32)
+    hg.Adam([{"params": [m32.w1]}, {"params": [m32.w2], "lr": 1e-3}], lr=1e-3, hyper=hg.SGD(lr=1e-4),
+            scope={"lr": "shared"})
     with pytest.raises(ValueError, match="scope 'shared' for lr"):
         hg.Adam([{"params": [model.w1]}, {"params": [model.w2], "lr": 0.1}], lr=1e-2,
                 hyper=hg.SGD(lr=1e-4), scope={"lr": "shared"})
