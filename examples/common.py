@@ -85,9 +85,6 @@ def build_optimizer(params, args, adam_lr=1e-3):
         if groups and len(groups) > 1:
             # param groups that differ only in weight decay learn one value together
             kw["scope"] = {n: "shared" for n in learn}
-            # float32-representable starting values: the check that the groups agree on a shared
-            # value compares the float given with the float32 tensor made from the first group's
-            lr, b1, b2 = (float(torch.tensor(x, dtype=torch.float32)) for x in (lr, b1, b2))
     if name == "hyperadam":
         return HyperAdam(params, lr=lr, betas=(b1, b2), weight_decay=wd, **kw)
     if name == "mada":

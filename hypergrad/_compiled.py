@@ -24,8 +24,15 @@ import torch
 __all__ = ["GroupKernels"]
 
 
+# Inductor's defaults store intermediates that are read often or are large expressions in
+# buffers of their own, which for a closed form with several reductions (MADA: six) means extra
+# passes over memory; these keep each kernel one loop that recomputes instead.
+_INDUCTOR = {"realize_reads_threshold": 1000, "realize_cpu_acc_reads_threshold": 1000,
+             "realize_cpu_opcount_threshold": 10000, "max_fusion_size": 1024}
+
+
 def _compile(fn):
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=_INDUCTOR)
 
 
 class GroupKernels:
@@ -35,6 +42,7 @@ class GroupKernels:
     def __init__(self, rule):
         self.rule = rule
         self._cache = {}
+        self._alias = {}
 
     def _get(self, kind, cfg, make):
         fn = self._cache.get((kind, cfg))
@@ -42,19 +50,42 @@ class GroupKernels:
             fn = self._cache[(kind, cfg)] = _compile(make())
         return fn
 
-    def update(self, params, grads, states, keys, hvals, names, opts, scalar_step=None):
+    def update(self, params, grads, states, keys, hvals, names, opts, scalar_step=None, step_in_state=False):
         """In place: ``params[i]`` and ``states[i][k]`` for ``k`` in ``keys`` take their new
         values. ``scalar_step``: the common step tensor of the group, where the rule has
-        ``coefficients`` and every hyperparameter is one value for the group."""
+        ``coefficients`` and every hyperparameter is one value for the group.
+
+        An ``hg_*`` entry that the rule sets to an old state tensor (the value before the step,
+        which its closed form needs) is double-buffered: the kernel writes the new state into
+        the ``hg_*`` tensor, then the two entries swap, so the old values stay where they are."""
         rule = self.rule
-        cfg = (tuple(keys), tuple(names), tuple(sorted(opts.items())))
-        svals = [[s[k] for k in keys] for s in states]
+        keys = tuple(keys)
+        # the rule reads the step counter; the caller advances it after the kernel
+        rkeys = keys + ("step",) if step_in_state else keys
+        cfg = (keys, tuple(names), tuple(sorted(opts.items())), scalar_step is not None, step_in_state)
+        alias = self._alias.get(cfg)
+        if alias is None:  # which hg_* entries are old state tensors: ask the (pure) rule once
+            s0 = {k: states[0][k] for k in rkeys}
+            h0 = dict(zip(names, hvals[0]))
+            g0 = -grads[0] if opts.get("maximize") else grads[0]
+            if scalar_step is not None:
+                _, new = rule.apply(params[0], g0, s0, rule.coefficients(h0, scalar_step + 1, opts), opts)
+            else:
+                _, new = rule.update(params[0], g0, s0, h0, opts)
+            alias = self._alias[cfg] = {k: j for k in keys if k.startswith("hg_")
+                                        for j in keys if j != k and new[k] is s0[j]}
+        dest = {j: k for k, j in alias.items()}          # where each new value is written
+        plan = [(k, rkeys.index(dest.get(k, k))) for k in keys if k not in alias]
+        svals = [[s[k] for k in rkeys] for s in states]
         if scalar_step is not None:
-            fn = self._get("apply", cfg, lambda: _make_apply(rule.coefficients, rule.apply, keys, names, opts))
+            fn = self._get("apply", cfg, lambda: _make_apply(rule.coefficients, rule.apply, plan, rkeys, names, opts))
             fn(params, grads, svals, hvals[0], scalar_step)
         else:
-            fn = self._get("update", cfg, lambda: _make_update(rule.update, keys, names, opts))
+            fn = self._get("update", cfg, lambda: _make_update(rule.update, plan, rkeys, names, opts))
             fn(params, grads, svals, hvals)
+        for st in states:
+            for k, j in alias.items():
+                st[k], st[j] = st[j], st[k]
 
     def terms(self, gts, params, states, keys, hvals, names, learned, opts, dtypes, scalar_step=None,
               per_tensor=True):
@@ -72,26 +103,26 @@ class GroupKernels:
         return fn(gts, params, svals, hvals)
 
 
-def _make_apply(coefficients, apply, keys, names, opts):
+def _make_apply(coefficients, apply, plan, keys, names, opts):
     def run(params, grads, svals, hv, step):
         c = coefficients(dict(zip(names, hv)), step + 1, opts)
         for p, g, sv in zip(params, grads, svals):
             new_p, new = apply(p, -g if opts.get("maximize") else g, dict(zip(keys, sv)), c, opts)
             p.copy_(new_p)
-            for k, buf in zip(keys, sv):
-                buf.copy_(new[k])
+            for k, i in plan:
+                sv[i].copy_(new[k])
         return c  # returned, so computed once (see the module docstring)
     return run
 
 
-def _make_update(update, keys, names, opts):
+def _make_update(update, plan, keys, names, opts):
     def run(params, grads, svals, hvals):
         for p, g, sv, hv in zip(params, grads, svals, hvals):
             new_p, new = update(p, -g if opts.get("maximize") else g, dict(zip(keys, sv)),
                                 dict(zip(names, hv)), opts)
             p.copy_(new_p)
-            for k, buf in zip(keys, sv):
-                buf.copy_(new[k])
+            for k, i in plan:
+                sv[i].copy_(new[k])
     return run
 
 

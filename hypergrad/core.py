@@ -807,11 +807,25 @@ class HyperOptimizer(torch.optim.Optimizer):
         if kern is None:
             from ._compiled import GroupKernels
             kern = self._hg_kernels[gi] = GroupKernels(type(self))
-        kern.update(params, grads, states, keys, hvals, names, o, self._hg_common_step(gi, states))
+        step = self._hg_common_step(gi, states)
+        if "step" in keys:
+            # step counters advance outside the kernel, by one foreach call: fewer kernel inputs,
+            # and dynamo does not write back 0-dim float64 CPU tensors mutated in a kernel
+            steps = [st["step"] for st in states]
+            kern.update(params, grads, states, [k for k in keys if k != "step"], hvals, names, o, step,
+                        step_in_state=True)
+            torch._foreach_add_(steps, 1)
+        else:
+            kern.update(params, grads, states, keys, hvals, names, o)
         if snaps is not None:
-            for i, st in enumerate(states):
-                st[_RECORD] = {"h": {n: snaps[id(hv)][0 if len(hv.value) == 1 else i] for n, hv in vars.items()},
-                               "mask": None}
+            if all(len(hv.value) == 1 for hv in vars.values()):  # one record serves the group
+                rec = {"h": {n: snaps[id(hv)][0] for n, hv in vars.items()}, "mask": None}
+                for st in states:
+                    st[_RECORD] = rec
+            else:
+                for i, st in enumerate(states):
+                    st[_RECORD] = {"h": {n: snaps[id(hv)][0 if len(hv.value) == 1 else i]
+                                         for n, hv in vars.items()}, "mask": None}
         return True
 
     def _hg_hypergrad(self) -> None:
@@ -937,6 +951,8 @@ class HyperOptimizer(torch.optim.Optimizer):
             kern = self._hg_kernels[gi] = GroupKernels(type(self))
         step = self._hg_common_step(gi, states, "hyper_coefficients")
         per_tensor = any(len(vars[n].value) > 1 for n in names)
+        if step is not None:
+            keys = [k for k in keys if k != "step"]
         sums = kern.terms(gts, params, states, keys, hvals, all_names, names, self._hg_opts[gi], dtypes, step,
                           per_tensor)
         if not per_tensor:  # one value per name for the whole group

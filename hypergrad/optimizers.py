@@ -401,7 +401,7 @@ class Adam(_HO):
         """The scalars of update number ``step`` (computed once per group, outside the loop)."""
         lr, b1, b2 = h["lr"], h["beta1"], h["beta2"]
         c = {"step": step, "w1": 1 - b1, "b2": b2, "w2": 1 - b2, "eps": h["eps"],
-             "step_size": lr / (1 - b1 ** step), "bc2_sqrt": (1 - b2 ** step) ** 0.5}
+             "step_size": lr / (1 - b1 ** step), "ibc2_sqrt": (1 - b2 ** step) ** -0.5}
         if o["wd"]:
             c["wd"] = h["weight_decay"]
             if o["decoupled"]:
@@ -424,7 +424,7 @@ class Adam(_HO):
         if o["amsgrad"]:
             v = torch.maximum(s["max_exp_avg_sq"], v)
             new["max_exp_avg_sq"] = v
-        denom = _sqrt(v) / c["bc2_sqrt"] + c["eps"]
+        denom = _sqrt(v) * c["ibc2_sqrt"] + c["eps"]
         return p - c["step_size"] * (m / denom), new
 
     @staticmethod
@@ -441,11 +441,11 @@ class Adam(_HO):
         lr, b1, b2 = h["lr"], h["beta1"], h["beta2"]
         bc1 = 1 - b1 ** t
         bc2 = 1 - b2 ** t
-        c = {"lr": lr, "bc1": bc1, "isb2": bc2 ** -0.5, "sa": lr / bc1, "ib1": 1 / b1, "ib2": 1 / b2,
+        c = {"lr": lr, "ibc1": 1 / bc1, "isb2": bc2 ** -0.5, "sa": lr / bc1, "ib1": 1 / b1, "ib2": 1 / b2,
              "k1": t * b1 ** (t - 1) / bc1, "k2": t * b2 ** (t - 1) / bc2, "eps": h["eps"],
-             "w1": 1 - b1, "w2": 1 - b2, "wd": h["weight_decay"]}
+             "w1": 1 - b1, "w2": 1 - b2, "wd": h["weight_decay"], "ieps": 1 / h["eps"]}
         if o["wd"] and o["decoupled"]:
-            c["decay"] = 1 - lr * h["weight_decay"]
+            c["idecay"] = 1 / (1 - lr * h["weight_decay"])
         return c
 
     @staticmethod
@@ -458,7 +458,7 @@ class Adam(_HO):
         d = r * c["isb2"] + c["eps"]
         pos = r > 0
         q = 1 / torch.where(pos, r * d, 1)   # one division for 1/d and 1/r (it is the costly op)
-        inv_d = torch.where(pos, r * q, 1 / d)
+        inv_d = torch.where(pos, r * q, c["ieps"])   # where r = 0, d = eps
         a = m * inv_d                      # x_s = x_{s-1} - sa * a
         sa = c["sa"]
         dec = o["wd"] and o["decoupled"]
@@ -467,9 +467,9 @@ class Adam(_HO):
         if "weight_decay" in names or (dec and "lr" in names):
             xprev = p + sa * a
             if dec:
-                xprev = xprev / c["decay"]
+                xprev = xprev * c["idecay"]
         if "lr" in names:
-            dlr = -a / c["bc1"]
+            dlr = -a * c["ibc1"]
             out["lr"] = gt * (dlr - c["wd"] * xprev if dec else dlr)
         if "beta1" in names:
             out["beta1"] = -sa * gt * inv_d * ((m - gs) * c["ib1"] + m * c["k1"])

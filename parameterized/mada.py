@@ -122,35 +122,52 @@ class MADA(_HO):
         return o["wd"]
 
     @staticmethod
-    def update(p, g, s, h, o):
-        lr, b1, b2, b3 = h["lr"], h["beta1"], h["beta2"], h["beta3"]
-        c, rho, gamma = h["c"], h["rho"], h["gamma"]
-        lb1, lb2 = h["lion_beta1"], h["lion_beta2"]
+    def coefficients(h, t, o):
+        """The scalars of update number ``t`` (computed once per group, outside the loop)."""
+        b1, b2, b3 = h["beta1"], h["beta2"], h["beta3"]
+        c = {"t": t, "tm1": t - 1, "w1": 1 - b1, "b2": b2, "w2": 1 - b2, "b3": b3, "w3": 1 - b3,
+             "c": h["c"], "wc": 1 - h["c"], "rho": h["rho"], "wrho": 1 - h["rho"], "gamma": h["gamma"],
+             "wgamma": 1 - h["gamma"], "lb1": h["lion_beta1"], "wl1": 1 - h["lion_beta1"],
+             "lb2": h["lion_beta2"], "wl2": 1 - h["lion_beta2"], "bc1": 1 - b1 ** t, "bc2": 1 - b2 ** t,
+             "lr": h["lr"], "eps": h["eps"], "it": 1 / t}
+        # reciprocals for the closed form's element loop (a division per element costs like a sqrt)
+        c["ibc1"], c["ibc2"], c["ieps"] = 1 / c["bc1"], 1 / c["bc2"], 1 / c["eps"]
+        if not o["reference"]:
+            c["bc3"] = 1 - b3 ** t
+            c["ibc3"] = 1 / c["bc3"]
+        if o["wd"]:
+            c["decay"] = 1 - h["lr"] * h["weight_decay"]
+        return c
+
+    @staticmethod
+    def apply(p, g, s, c, o):
+        """The element-wise part of the update, given ``coefficients``."""
         ref = o["reference"]
-        t = s["step"] + 1
         g_prev = s["previous_grad"] if "previous_grad" in s else g
         diff = g - g_prev
-        g_hat = g + b3 * diff
+        g_hat = g + c["b3"] * diff
         g_hat2 = g_hat * g_hat
         v_prev = s["exp_avg_sq"]
-        g2 = c * g_hat2 + (1 - c) * (v_prev + g_hat2 * torch.sign(g_hat2 - v_prev))
-        m = _lerp(s["exp_avg"], g, 1 - b1)
-        v = v_prev * b2 + (1 - b2) * g2
-        n = _lerp(s["exp_avg_diff"] if "exp_avg_diff" in s else g * g, diff, 1 - b3)
-        v_mean = (v + (t - 1) * s["v_mean"]) / t
+        g2 = c["c"] * g_hat2 + c["wc"] * (v_prev + g_hat2 * torch.sign(g_hat2 - v_prev))
+        m = _lerp(s["exp_avg"], g, c["w1"])
+        v = v_prev * c["b2"] + c["w2"] * g2
+        n = _lerp(s["exp_avg_diff"] if "exp_avg_diff" in s else g * g, diff, c["w3"])
+        v_mean = (v + c["tm1"] * s["v_mean"]) / c["t"]
         # the reference code lets no hyper-gradient through the running mean (rho still gets one)
-        v_hat = (rho * v + (1 - rho) * (v_mean.detach() if ref else v_mean)) / (1 - b2 ** t)
-        n_hat = n if ref else n / (1 - b3 ** t)
-        adam = (m / (1 - b1 ** t) + b3 * n_hat) / (_sqrt(v_hat) + h["eps"])
+        # divisions as the reference code writes them (a reciprocal would change the rounding, and
+        # sign() decisions near 0 with it)
+        v_hat = (c["rho"] * v + c["wrho"] * (v_mean.detach() if ref else v_mean)) / c["bc2"]
+        n_hat = n if ref else n / c["bc3"]
+        adam = (m / c["bc1"] + c["b3"] * n_hat) / (_sqrt(v_hat) + c["eps"])
         m_lion_prev = s["lion_exp_avg"]
-        m_lion = m_lion_prev * lb2 + (1 - lb2) * g
+        m_lion = m_lion_prev * c["lb2"] + c["wl2"] * g
         # Lion interpolates with the momentum before its update; the reference code with the new one
-        u = (m_lion if ref else m_lion_prev) * lb1 + (1 - lb1) * g
+        u = (m_lion if ref else m_lion_prev) * c["lb1"] + c["wl1"] * g
         if o["wd"]:
-            p = p * (1 - lr * h["weight_decay"])
+            p = p * c["decay"]
         lion = torch.sign(u)
-        new_p = p - lr * (gamma * adam + (1 - gamma) * lion)
-        new = {"step": t, "exp_avg": m, "exp_avg_sq": v, "exp_avg_diff": n, "v_mean": v_mean,
+        new_p = p - c["lr"] * (c["gamma"] * adam + c["wgamma"] * lion)
+        new = {"step": c["t"], "exp_avg": m, "exp_avg_sq": v, "exp_avg_diff": n, "v_mean": v_mean,
                "lion_exp_avg": m_lion, "previous_grad": g.clone()}
         if o.get("hg_save"):  # the closed form needs the inputs the state no longer shows
             new.update(hg_g2=g_prev, hg_m=s["exp_avg"], hg_v=v_prev,
@@ -158,13 +175,25 @@ class MADA(_HO):
         return new_p, new
 
     @staticmethod
-    def hyper_terms(gt, p, s, h, o, names):
-        """g_t * d x_s / d q, from the state after step s and the saved inputs of that step
-        (g_{s-1}, m_{s-1}, v_{s-1}, n_{s-1}, sign(u_s)); docs/mada.md lists the equations."""
-        lr, b1, b2, b3 = h["lr"], h["beta1"], h["beta2"], h["beta3"]
-        c, rho, gamma, eps, wd = h["c"], h["rho"], h["gamma"], h["eps"], h["weight_decay"]
+    def update(p, g, s, h, o):
+        return MADA.apply(p, g, s, MADA.coefficients(h, s["step"] + 1, o), o)
+
+    @staticmethod
+    def hyper_coefficients(h, t, o):
+        """The scalars of the closed form for the update number ``t``."""
+        c = MADA.coefficients(h, t, o)
+        b1, b2, b3 = h["beta1"], h["beta2"], h["beta3"]
+        c.update(k1=t * b1 ** (t - 1) / c["bc1"], k2=t * b2 ** (t - 1) / c["bc2"], wd=h["weight_decay"])
+        if not o["reference"]:
+            c["k3"] = t * b3 ** (t - 1) / c["bc3"]
+        return c
+
+    @staticmethod
+    def hyper_apply(gt, p, s, c, o, names):
+        """g_t * d x_s / d q, element-wise, from the state after step s and the saved inputs of
+        that step (g_{s-1}, m_{s-1}, v_{s-1}, n_{s-1}, sign(u_s)); docs/mada.md has the equations."""
+        lr, b3, rho, gamma, t = c["lr"], c["b3"], c["rho"], c["gamma"], c["t"]
         ref = o["reference"]
-        t = s["step"]
         g, diff = s["previous_grad"], s["previous_grad"] - s["hg_g2"]
         m0, v0, n0 = s["hg_m"], s["hg_v"], s["hg_n"]
         m, v, n, vm = s["exp_avg"], s["exp_avg_sq"], s["exp_avg_diff"], s["v_mean"]
@@ -172,57 +201,58 @@ class MADA(_HO):
         g_hat = g + b3 * diff
         g_hat2 = g_hat * g_hat
         sig = torch.sign(g_hat2 - v0)
-        g2 = c * g_hat2 + (1 - c) * (v0 + g_hat2 * sig)
-        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-        m_hat = m / bc1
-        if ref:
-            n_hat = n
-        else:
-            bc3 = 1 - b3 ** t
-            n_hat = n / bc3
-        v_hat = (rho * v + (1 - rho) * vm) / bc2
+        g2 = c["c"] * g_hat2 + c["wc"] * (v0 + g_hat2 * sig)
+        m_hat = m * c["ibc1"]
+        n_hat = n if ref else n * c["ibc3"]
+        v_hat = (rho * v + c["wrho"] * vm) * c["ibc2"]
         r = torch.sqrt(v_hat)
-        inv_d = 1 / (r + eps)
+        pos = r > 0
+        dd = r + c["eps"]
+        q = 1 / torch.where(pos, r * dd, 1)   # one division for 1/(r + eps) and 1/r
+        inv_d = torch.where(pos, r * q, c["ieps"])   # where r = 0, r + eps = eps
         adam = (m_hat + b3 * n_hat) * inv_d
-        direction = gamma * adam + (1 - gamma) * lion
+        direction = gamma * adam + c["wgamma"] * lion
         ga = -lr * gamma * gt                                   # g_t * d x_s / d adam
-        da_dvh = -adam * inv_d * torch.where(r > 0, 0.5 / torch.where(r > 0, r, 1), 0)
+        da_dvh = torch.where(pos, -0.5 * adam * inv_d * dd * q, 0)   # d adam / d v_hat
 
         def via_v(dv):  # d adam from a change of v (and of the running mean, in the corners variant)
-            dvm = 0 if ref else dv / t
-            return da_dvh * (rho * dv + (1 - rho) * dvm) / bc2
+            if ref:
+                return da_dvh * (rho * c["ibc2"]) * dv
+            return da_dvh * ((rho + c["wrho"] * c["it"]) * c["ibc2"]) * dv
 
         out = {}
         if "lr" in names or "weight_decay" in names:
             xprev = p + lr * direction
             if o["wd"]:
-                xprev = xprev / (1 - lr * wd)
+                xprev = xprev / c["decay"]
         if "lr" in names:
-            out["lr"] = -gt * (direction + wd * xprev if o["wd"] else direction)
+            out["lr"] = -gt * (direction + c["wd"] * xprev if o["wd"] else direction)
         if "weight_decay" in names:
             out["weight_decay"] = -lr * gt * xprev
         if "gamma" in names:
             out["gamma"] = -lr * gt * (adam - lion)
         if "beta1" in names:
-            dm_hat = (m0 - g) / bc1 + m_hat * (t * b1 ** (t - 1) / bc1)
-            out["beta1"] = ga * dm_hat * inv_d
+            out["beta1"] = ga * ((m0 - g) * c["ibc1"] + m_hat * c["k1"]) * inv_d
         if "beta2" in names:
             dv = v0 - g2
-            dvm = 0 if ref else dv / t
-            dvh = (rho * dv + (1 - rho) * dvm) / bc2 + v_hat * (t * b2 ** (t - 1) / bc2)
-            out["beta2"] = ga * da_dvh * dvh
+            mix = rho if ref else rho + c["wrho"] * c["it"]   # v_mean moves by dv / t
+            out["beta2"] = ga * da_dvh * (mix * c["ibc2"] * dv + v_hat * c["k2"])
         if "beta3" in names:
             dn = n0 - diff
-            dn_hat = dn if ref else dn / bc3 + n_hat * (t * b3 ** (t - 1) / bc3)
-            dv = (1 - b2) * (c + (1 - c) * sig) * 2 * g_hat * diff
+            dn_hat = dn if ref else dn * c["ibc3"] + n_hat * c["k3"]
+            dv = c["w2"] * (c["c"] + c["wc"] * sig) * 2 * g_hat * diff
             out["beta3"] = ga * ((n_hat + b3 * dn_hat) * inv_d + via_v(dv))
         if "c" in names:
-            out["c"] = ga * via_v((1 - b2) * (g_hat2 - v0 - g_hat2 * sig))
+            out["c"] = ga * via_v(c["w2"] * (g_hat2 - v0 - g_hat2 * sig))
         if "rho" in names:
-            out["rho"] = ga * da_dvh * (v - vm) / bc2
+            out["rho"] = ga * da_dvh * (v - vm) * c["ibc2"]
         if "eps" in names:
             out["eps"] = ga * (-adam * inv_d)
         return out
+
+    @staticmethod
+    def hyper_terms(gt, p, s, h, o, names):
+        return MADA.hyper_apply(gt, p, s, MADA.hyper_coefficients(h, s["step"], o), o, names)
 
 
 def _mada_bounds(spec):

@@ -1,0 +1,364 @@
+"""Benchmarks: the cost of learning hyperparameters, as ratios against baselines run in the same
+process (interleaved repeats, medians). Prints a table and writes JSON.
+
+    python benchmarks/run.py                  # everything (about 10 minutes on 2 CPU cores)
+    python benchmarks/run.py --quick          # smaller sizes, fewer repeats (a minute or two)
+    python benchmarks/run.py --only step      # one section: step, stack, mada, gpt, peer, memory
+    python benchmarks/run.py --device cuda    # the same measurements on a GPU
+
+Sections
+- step:   optimizer step (gradients preassigned) of 1-level hyper-Adam (lr, beta1, beta2 learned)
+          against the fastest torch.optim.Adam (for-loop, foreach, fused) at 1M and 10M parameters,
+          1 and 2 threads
+- stack:  a 3-level stack (Adam, SGD, SGD) against the same baseline
+- mada:   MADA learning its 6 coefficients against the fastest torch.optim.AdamW
+- gpt:    whole training step (forward, backward, step) of examples/gpt2.py's small char model
+- peer:   whole training step on the peer code's README MLP (784-128-128-10, batch 128), same
+          Adam+SGD stack, against gradient-descent-the-ultimate-optimizer (if installed)
+- memory: optimizer state bytes beyond torch.optim.Adam's, and the peak RSS of a fresh process
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+
+import hypergrad as hg  # noqa: E402
+from _harness import interleaved  # noqa: E402
+from parameterized import MADA  # noqa: E402
+
+RESULTS: list[dict] = []
+
+
+def record(section, name, value, unit, **extra):
+    row = dict(section=section, name=name, value=value, unit=unit, **extra)
+    RESULTS.append(row)
+    return row
+
+
+def params(n, device, n_tensors=8, seed=0):
+    """n parameters in n_tensors tensors, with gradients, as a model's would be."""
+    g = torch.Generator().manual_seed(seed)
+    per = n // n_tensors
+    ps = []
+    for _ in range(n_tensors):
+        p = torch.nn.Parameter(torch.randn(per, generator=g).to(device))
+        p.grad = (torch.randn(per, generator=g) * 1e-2).to(device)
+        ps.append(p)
+    return ps
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_steps(makers, n, device, repeats, inner):
+    opts = {k: make(params(n, device)) for k, make in makers.items()}
+    t0 = time.perf_counter()
+    for o in opts.values():  # warm-up: compilation and the first steps (state, records)
+        for _ in range(3):
+            o.step()
+    _sync(device)
+    compile_s = time.perf_counter() - t0
+
+    def stepper(o):
+        def f():
+            o.step()
+            _sync(device)
+        return f
+    return interleaved({k: stepper(o) for k, o in opts.items()}, repeats=repeats, inner=inner), compile_s
+
+
+def torch_baselines(cls, device, **kw):
+    out = {"foreach=False": lambda p: cls(p, foreach=False, **kw),
+           "foreach=True": lambda p: cls(p, foreach=True, **kw)}
+    try:
+        cls(params(16, device), fused=True, **kw)
+        out["fused=True"] = lambda p: cls(p, fused=True, **kw)
+    except (RuntimeError, ValueError):
+        pass
+    return out
+
+
+def section_step(args, name, baseline_cls, ours, sizes, threads):
+    for n in sizes:
+        for th in threads:
+            torch.set_num_threads(th)
+            makers = {f"torch {k}": v for k, v in torch_baselines(baseline_cls, args.device, lr=1e-3).items()}
+            makers.update(ours)
+            t, compile_s = timed_steps(makers, n, args.device, args.repeats, args.inner)
+            base_name = min((k for k in t if k.startswith("torch")), key=t.get)
+            base = t[base_name]
+            for k, v in t.items():
+                record(name, k, v * 1e3, "ms/step", params=n, threads=th, ratio=v / base, baseline=base_name)
+            print(f"\n[{name}] {n / 1e6:g}M parameters, {th} thread(s); baseline {base_name} "
+                  f"{base * 1e3:.3f} ms (warm-up incl. compilation {compile_s:.1f} s)")
+            for k, v in sorted(t.items(), key=lambda kv: kv[1]):
+                print(f"  {k:<34} {v * 1e3:9.3f} ms   {v / base:6.2f}x")
+
+
+def hyper_adam(compile, backend="auto"):
+    return lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9), compile=compile, backend=backend)
+
+
+def stack3(compile):
+    return lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9, hyper=hg.SGD(lr=1e-12)), compile=compile)
+
+
+def mada(compile):
+    return lambda p: MADA(p, lr=1e-3, hyper=hg.SGD(lr=1e-9), compile=compile)
+
+
+# ---------------------------------------------------------------------------------- whole steps
+
+
+def section_gpt(args):
+    import gpt2
+    torch.set_num_threads(args.gpt_threads)
+    import dataclasses
+    batch, block = (4, 64) if args.quick else (8, 256)
+    cfg = dataclasses.replace(gpt2.CONFIGS["shakespeare-char"], vocab_size=65, dropout=0.0, block_size=block)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 65, (batch, block), generator=g).to(args.device)
+    y = torch.randint(0, 65, (batch, block), generator=g).to(args.device)
+    makers = {
+        "torch Adam (fused)": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
+        "torch Adam (foreach)": lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
+        "hyper-Adam, eager": lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9)),
+        "hyper-Adam, compile=True": lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9), compile=True),
+    }
+    runs = {}
+    for k, make in makers.items():
+        torch.manual_seed(0)
+        model = gpt2.GPT(cfg).to(args.device)
+        opt = make(model.parameters())
+
+        def step(model=model, opt=opt):
+            loss = model(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            _sync(args.device)
+        for _ in range(2):
+            step()
+        runs[k] = step
+    nparams = sum(p.numel() for p in model.parameters())
+    t = interleaved(runs, repeats=args.repeats, inner=1 if not args.quick else 2, warmup=1)
+    base = min(t["torch Adam (fused)"], t["torch Adam (foreach)"])
+    print(f"\n[gpt] whole training step, char model {nparams / 1e6:.1f}M parameters, batch {batch}x{block}, "
+          f"{args.gpt_threads} thread(s)")
+    for k, v in t.items():
+        record("gpt", k, v * 1e3, "ms/step", params=nparams, threads=args.gpt_threads, ratio=v / base)
+        print(f"  {k:<34} {v * 1e3:9.1f} ms   {v / base:6.3f}x")
+
+
+def section_peer(args):
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 784, generator=g).to(args.device)
+    y = torch.randint(0, 10, (128,), generator=g).to(args.device)
+
+    def mlp():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
+                                   torch.nn.ReLU(), torch.nn.Linear(128, 10)).to(args.device)
+    loss_fn = torch.nn.functional.cross_entropy
+    runs = {}
+    for k, make in {"torch Adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+                    "ours Adam+SGD, eager": lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-5)),
+                    "ours Adam+SGD, compile=True": lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-5),
+                                                                     compile=True)}.items():
+        model = mlp()
+        opt = make(model.parameters())
+
+        def step(model=model, opt=opt):
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            _sync(args.device)
+        for _ in range(3):
+            step()
+        runs[k] = step
+    try:
+        from gradient_descent_the_ultimate_optimizer import gdtuo
+        model = mlp()
+        mw = gdtuo.ModuleWrapper(model, optimizer=gdtuo.Adam(optimizer=gdtuo.SGD(1e-5)))
+        mw.initialize()
+
+        def peer_step():
+            mw.begin()
+            loss = loss_fn(mw.forward(x), y)
+            mw.zero_grad()
+            loss.backward(create_graph=True)
+            mw.step()
+            _sync(args.device)
+        for _ in range(3):
+            peer_step()
+        runs["peer (gdtuo) Adam+SGD"] = peer_step
+    except ImportError:
+        print("  (gradient-descent-the-ultimate-optimizer not installed: no peer figure)")
+    t = interleaved(runs, repeats=args.repeats, inner=20, warmup=5)
+    base = t["torch Adam"]
+    print("\n[peer] whole training step, MLP 784-128-128-10, batch 128, 1 thread")
+    for k, v in t.items():
+        extra = {}
+        if "peer (gdtuo) Adam+SGD" in t and k.startswith("ours"):
+            extra["speedup_vs_peer"] = t["peer (gdtuo) Adam+SGD"] / v
+        record("peer", k, v * 1e3, "ms/step", ratio=v / base, **extra)
+        s = f"   {extra['speedup_vs_peer']:.2f}x faster than the peer" if extra else ""
+        print(f"  {k:<34} {v * 1e3:9.3f} ms   {v / base:6.2f}x torch Adam{s}")
+
+
+# ---------------------------------------------------------------------------------- memory
+
+
+def state_bytes(opt) -> int:
+    """Bytes of the distinct tensor storages an optimizer holds in its state (all levels,
+    records included), parameters and gradients excluded."""
+    seen, total = set(), 0
+
+    def visit(x):
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            key = (x.untyped_storage().data_ptr(), x.device)
+            if key not in seen:
+                seen.add(key)
+                total += x.untyped_storage().nbytes()
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+    levels = opt.levels if hasattr(opt, "levels") else [opt]
+    for lvl in levels:
+        visit(dict(lvl.state))
+    return total
+
+
+_RSS_CHILD = r"""
+import gc, os, sys, torch, hypergrad as hg
+torch.set_num_threads(1)
+def rss():  # resident set size now, bytes (Linux)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+kind, n = sys.argv[1], int(sys.argv[2])
+ps = [torch.nn.Parameter(torch.randn(n // 8)) for _ in range(8)]
+for p in ps: p.grad = torch.randn(n // 8) * 1e-2
+gc.collect()
+before = rss()
+if kind == "torch":
+    opt = torch.optim.Adam(ps, lr=1e-3, foreach=False)
+elif kind == "hyper":
+    opt = hg.Adam(ps, lr=1e-3, hyper=hg.SGD(lr=1e-9))
+elif kind == "generic":
+    opt = hg.Adam(ps, lr=1e-3, hyper=hg.SGD(lr=1e-9), backend="autograd")
+for _ in range(5):
+    opt.step()
+gc.collect()
+print(rss() - before)
+"""
+
+
+def section_memory(args):
+    n = 1_000_000 if args.quick else 10_000_000
+    pbytes = n * 4
+    rows = {}
+    for k, make in {"torch Adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+                    "hyper-Adam (closed form)": hyper_adam(False),
+                    "hyper-Adam (generic path)": hyper_adam(False, "autograd"),
+                    "hyper-Adam, scope='tensor'": lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9),
+                                                                    scope="tensor"),
+                    "hyper-Adam, scope='shared'": lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9),
+                                                                    scope="shared"),
+                    "hyper-Adam, 3 levels": stack3(False),
+                    "MADA (6 coefficients)": mada(False)}.items():
+        ps = params(n, args.device)
+        opt = make(ps)
+        for _ in range(3):
+            opt.step()
+        rows[k] = state_bytes(opt)
+    base = rows["torch Adam"]
+    print(f"\n[memory] optimizer state, {n / 1e6:g}M float32 parameters (one parameter-sized buffer = "
+          f"{pbytes / 2**20:.1f} MiB)")
+    for k, b in rows.items():
+        extra = (b - base) / pbytes
+        record("memory", k, b / 2**20, "MiB state", params=n, extra_param_buffers=extra)
+        print(f"  {k:<34} {b / 2**20:9.1f} MiB   extra beyond torch Adam: {extra:5.2f} parameter-sized buffers")
+    if args.device == "cpu":
+        print("  resident memory growth of a fresh process after 5 steps (/proc/self/statm, allocator "
+              "caches included):")
+        for kind in ("torch", "hyper", "generic"):
+            out = subprocess.run([sys.executable, "-c", _RSS_CHILD, kind, str(n)], capture_output=True, text=True)
+            if out.returncode:
+                print(f"    {kind}: failed: {out.stderr.strip()[-200:]}")
+                continue
+            b = int(out.stdout.strip())
+            record("memory", f"RSS growth {kind}", b / 2**20, "MiB", params=n, param_buffers=b / pbytes)
+            print(f"    {kind:<10} {b / 2**20:9.1f} MiB = {b / pbytes:5.2f} parameter-sized buffers")
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1M parameters only, fewer repeats")
+    ap.add_argument("--only", nargs="*", choices=["step", "stack", "mada", "gpt", "peer", "memory"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--inner", type=int, default=None)
+    ap.add_argument("--gpt-threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<device>.json)")
+    args = ap.parse_args()
+    args.repeats = args.repeats or (3 if args.quick else 7)
+    args.inner = args.inner or (3 if args.quick else 5)
+    sizes = [1_000_000] if args.quick else [1_000_000, 10_000_000]
+    threads = [1] if args.quick else [1, 2]
+    only = set(args.only or ["step", "stack", "mada", "gpt", "peer", "memory"])
+    t0 = time.perf_counter()
+    if "step" in only:
+        section_step(args, "step", torch.optim.Adam,
+                     {"hyper-Adam, eager": hyper_adam(False), "hyper-Adam, compile=True": hyper_adam(True),
+                      "hg.Adam (nothing learned), compile=True": lambda p: hg.Adam(p, lr=1e-3, compile=True)},
+                     sizes, threads)
+    if "stack" in only:
+        section_step(args, "stack", torch.optim.Adam, {"3-level stack, compile=True": stack3(True)}, sizes, threads)
+    if "mada" in only:
+        section_step(args, "mada", torch.optim.AdamW,
+                     {"MADA (6 coefficients), compile=True": mada(True),
+                      "MADA (nothing learned), compile=True": lambda p: MADA(p, lr=1e-3, compile=True)},
+                     sizes, threads)
+    if "gpt" in only:
+        section_gpt(args)
+    if "peer" in only:
+        section_peer(args)
+    if "memory" in only:
+        section_memory(args)
+    meta = dict(device=args.device, torch=torch.__version__, python=platform.python_version(),
+                machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(),
+                quick=args.quick, seconds=time.perf_counter() - t0)
+    if args.device.startswith("cuda"):
+        meta["gpu"] = torch.cuda.get_device_name()
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"{args.device.split(':')[0]}{'-quick' if args.quick else ''}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(meta=meta, results=RESULTS), f, indent=1)
+    print(f"\nwrote {out} ({meta['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
