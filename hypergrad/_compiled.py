@@ -19,6 +19,8 @@ set of learned names change.
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 __all__ = ["GroupKernels"]
@@ -32,6 +34,10 @@ _INDUCTOR = {"realize_reads_threshold": 1000, "realize_cpu_acc_reads_threshold":
 
 
 def _compile(fn):
+    # dynamo keeps its cache of compiled graphs on the code object, and every kernel of every
+    # group would share the code of ``run`` (and hit the recompile limit): give each its own
+    fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                            fn.__closure__)
     return torch.compile(fn, fullgraph=True, dynamic=False, options=_INDUCTOR)
 
 

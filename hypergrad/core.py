@@ -740,7 +740,8 @@ class HyperOptimizer(torch.optim.Optimizer):
             vars, opts = self._hg_vars[gi], self._hg_opts[gi]
             closed = record and self._hg_closed(gi)
             o = dict(opts, hg_save=True) if closed else opts
-            if self._hg_compile and (closed or not record) and self._hg_update_compiled(gi, o, snaps if record else None):
+            if self._hg_compile and (closed or not record) and self._hg_try(self._hg_update_compiled, gi, o,
+                                                                             snaps if record else None):
                 continue
             keysets = set()
             for i, p in enumerate(group["params"]):
@@ -782,6 +783,20 @@ class HyperOptimizer(torch.optim.Optimizer):
             if self._hg_compile:
                 ks = next(iter(keysets)) if len(keysets) == 1 else None
                 self._hg_stable[gi] = tuple(sorted(ks[1])) if ks and ks[0] == ks[1] else None
+
+    def _hg_try(self, fn, *args) -> bool:
+        """Run a compiled path; if compilation fails (no C++ compiler, an unsupported op, a
+        torch.compile limit), warn once and continue on the eager path, which computes the same."""
+        try:
+            return fn(*args)
+        except Exception as e:  # compilation errors surface before the kernel touches any tensor
+            if isinstance(e, (KeyboardInterrupt, MemoryError)):
+                raise
+            import warnings
+            warnings.warn(f"{type(self).__name__}: compile=True failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); continuing without compilation", RuntimeWarning)
+            self._hg_compile = False
+            return False
 
     def _hg_update_compiled(self, gi, o, snaps) -> bool:
         """The update of group ``gi`` as one compiled kernel; False where it does not apply
@@ -846,7 +861,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             vars, opts = self._hg_vars[gi], self._hg_opts[gi]
             names = tuple(n for n, hv in vars.items() if hv.learned)
-            if self._hg_compile and self._hg_terms_compiled(gi, names, acc, owners):
+            if self._hg_compile and self._hg_try(self._hg_terms_compiled, gi, names, acc, owners):
                 continue
             for i, p in enumerate(group["params"]):
                 st = self.state.get(p)
