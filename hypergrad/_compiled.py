@@ -1,135 +1,209 @@
-"""Fused kernels for a param group: ``torch.compile`` of the rule's own functions over the
-group's tensor list.
+"""Fused kernels for a param group: the rule's own pure functions, traced over the group's tensor
+list and compiled by inductor into one loop each.
 
 Two kernels per group and configuration, each one pass over memory:
 
-- the update: ``rule.update`` for every tensor, its results copied back into the parameter and
-  the state (inductor turns the copies into in-place stores of the same loop);
-- the hyper-gradient: ``rule.hyper_terms`` for every tensor, reduced to one sum per tensor and
-  hyperparameter.
+- the update: ``rule.update`` (or ``rule.coefficients`` + ``rule.apply``) for every tensor, its
+  results stored back into the parameter and the state in the same loop;
+- the hyper-gradient: the rule's closed form (``hyper_terms``, or ``hyper_coefficients`` +
+  ``hyper_apply``), or autograd's vector-Jacobian product through ``update`` at the inputs that
+  ``restore`` rebuilds, reduced to one sum per learned hyperparameter (per group or per tensor).
 
-Where a rule splits its update into scalar ``coefficients`` (bias corrections, step sizes) and
-an element-wise ``apply`` (likewise ``hyper_coefficients``/``hyper_apply``), the scalars are
-computed once per group: the kernel returns them, which makes inductor store them in buffers
-before the loop instead of recomputing ``beta ** t`` for every element. The eager path runs the same functions, so the compiled
-kernels compute the same mathematics; tests compare them. Compilation happens on first use
-(seconds; inductor caches the code on disk) and again only when shapes, dtypes, options or the
-set of learned names change.
+The functions are traced once per configuration with ``make_fx`` on fake tensors (tracing runs
+nothing) and the graph goes straight to inductor: the call is a plain function of a flat tensor
+list, without dynamo's guards (our caller keys the kernels by configuration, and inductor's own
+code asserts sizes and strides). Scalars that the rule computes once per group (bias
+corrections, step sizes) are returned by the kernel, which makes inductor compute them once
+before the loop instead of once per element. The eager path runs the same functions, so both
+compute the same mathematics; tests compare them.
 """
 
 from __future__ import annotations
 
-import types
+import warnings
 
 import torch
 
-__all__ = ["GroupKernels"]
-
+__all__ = ["GroupKernels", "available"]
 
 # Inductor's defaults store intermediates that are read often or are large expressions in
-# buffers of their own, which for a closed form with several reductions (MADA: six) means extra
-# passes over memory; these keep each kernel one loop that recomputes instead.
+# buffers of their own, which for a closed form with several reductions means extra passes over
+# memory; these keep each kernel one loop that recomputes instead.
 _INDUCTOR = {"realize_reads_threshold": 1000, "realize_cpu_acc_reads_threshold": 1000,
              "realize_cpu_opcount_threshold": 10000, "max_fusion_size": 1024}
 
 
-def _compile(fn):
-    # dynamo keeps its cache of compiled graphs on the code object, and every kernel of every
-    # group would share the code of ``run`` (and hit the recompile limit): give each its own
-    fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
-                            fn.__closure__)
-    return torch.compile(fn, fullgraph=True, dynamic=False, options=_INDUCTOR)
+def available() -> bool:
+    try:
+        import torch._inductor  # noqa: F401
+        from torch.fx.experimental.proxy_tensor import make_fx  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the installation
+        return False
+    return True
+
+
+def _build(fn, args):
+    """Compile ``fn(*args) -> list[Tensor]`` (which may write into its arguments) for arguments of
+    exactly these shapes, strides, dtypes and devices."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = make_fx(fn, tracing_mode="fake")(*args)
+        return torch._inductor.compile(gm, list(args), options=_INDUCTOR)
+
+
+def _tensors(c: dict, inputs) -> list:
+    """The tensors among the scalars ``c`` that the kernel computes (not its inputs)."""
+    ids = {id(x) for x in inputs}
+    out, seen = [], set()
+    for v in c.values():
+        if isinstance(v, torch.Tensor) and id(v) not in ids and id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
 
 
 class GroupKernels:
-    """Compiled update and hyper-gradient kernels of one param group (a cache keyed by the
-    configuration they were built for)."""
+    """The compiled kernels of one param group, cached by the configuration they were built for."""
 
     def __init__(self, rule):
         self.rule = rule
-        self._cache = {}
-        self._alias = {}
+        self._cache: dict = {}
 
-    def _get(self, kind, cfg, make):
-        fn = self._cache.get((kind, cfg))
+    def _get(self, key, make, args):
+        fn = self._cache.get(key)
         if fn is None:
-            fn = self._cache[(kind, cfg)] = _compile(make())
+            fn = self._cache[key] = _build(make(), args)
         return fn
 
-    def update(self, params, grads, states, keys, hvals, names, opts, scalar_step=None, step_in_state=False):
-        """In place: ``params[i]`` and ``states[i][k]`` for ``k`` in ``keys`` take their new
-        values. ``scalar_step``: the common step tensor of the group, where the rule has
-        ``coefficients`` and every hyperparameter is one value for the group.
+    # ------------------------------------------------------------------ update
+    def update(self, params, grads, states, keys, hvals, names, opts, step=None):
+        """In place: ``params[i]`` and ``states[i][k]`` (``k`` in ``keys``) take their new values.
+
+        ``hvals[i]``: the hyperparameter values of tensor ``i`` (in the order of ``names``).
+        ``step``: the group's common step tensor where the rule splits its update into
+        ``coefficients`` and ``apply`` and every hyperparameter is one value for the group
+        (``hvals`` has one row then); the state's own ``step`` entries are advanced by the caller.
 
         An ``hg_*`` entry that the rule sets to an old state tensor (the value before the step,
-        which its closed form needs) is double-buffered: the kernel writes the new state into
+        which its hyper-gradient needs) is double-buffered: the kernel writes the new state into
         the ``hg_*`` tensor, then the two entries swap, so the old values stay where they are."""
         rule = self.rule
-        keys = tuple(keys)
-        # the rule reads the step counter; the caller advances it after the kernel
-        rkeys = keys + ("step",) if step_in_state else keys
-        cfg = (keys, tuple(names), tuple(sorted(opts.items())), scalar_step is not None, step_in_state)
-        alias = self._alias.get(cfg)
+        n, nk = len(params), len(keys)
+        split = step is not None
+        cfg = ("update", keys, names, tuple(sorted(opts.items())), split, n)
+        alias = self._cache.get(cfg + ("alias",))
         if alias is None:  # which hg_* entries are old state tensors: ask the (pure) rule once
-            s0 = {k: states[0][k] for k in rkeys}
-            h0 = dict(zip(names, hvals[0]))
-            g0 = -grads[0] if opts.get("maximize") else grads[0]
-            if scalar_step is not None:
-                _, new = rule.apply(params[0], g0, s0, rule.coefficients(h0, scalar_step + 1, opts), opts)
-            else:
-                _, new = rule.update(params[0], g0, s0, h0, opts)
-            alias = self._alias[cfg] = {k: j for k in keys if k.startswith("hg_")
-                                        for j in keys if j != k and new[k] is s0[j]}
-        dest = {j: k for k, j in alias.items()}          # where each new value is written
-        plan = [(k, rkeys.index(dest.get(k, k))) for k in keys if k not in alias]
-        svals = [[s[k] for k in rkeys] for s in states]
-        if scalar_step is not None:
-            fn = self._get("apply", cfg, lambda: _make_apply(rule.coefficients, rule.apply, plan, rkeys, names, opts))
-            fn(params, grads, svals, hvals[0], scalar_step)
-        else:
-            fn = self._get("update", cfg, lambda: _make_update(rule.update, plan, rkeys, names, opts))
-            fn(params, grads, svals, hvals)
+            alias = self._cache[cfg + ("alias",)] = self._aliases(params[0], grads[0], states[0], keys,
+                                                                   hvals[0], names, opts, step)
+        dest = {j: k for k, j in alias.items()}        # where each new value is written
+        plan = [(k, keys.index(dest.get(k, k))) for k in keys if k not in alias]
+        rkeys = keys + (("step",) if "step" in states[0] and "step" not in keys else ())
+        args = list(params) + list(grads)
+        for s in states:
+            args.extend(s[k] for k in rkeys)
+        for row in hvals:
+            args.extend(row)
+        if split:
+            args.append(step)
+        neg = bool(opts.get("maximize"))
+
+        def make():
+            def run(*a):
+                ps, gs = a[:n], a[n:2 * n]
+                off = 2 * n
+                svals = []
+                for _ in range(n):
+                    svals.append(a[off:off + len(rkeys)])
+                    off += len(rkeys)
+                rows = []
+                for _ in range(len(hvals)):
+                    rows.append(a[off:off + len(names)])
+                    off += len(names)
+                out = []
+                if split:
+                    c = rule.coefficients(dict(zip(names, rows[0])), a[off] + 1, opts)
+                    out = _tensors(c, a)
+                for i in range(n):
+                    g = -gs[i] if neg else gs[i]
+                    s = dict(zip(rkeys, svals[i]))
+                    if split:
+                        new_p, new = rule.apply(ps[i], g, s, c, opts)
+                    else:
+                        new_p, new = rule.update(ps[i], g, s, dict(zip(names, rows[i])), opts)
+                    ps[i].copy_(new_p)
+                    for k, j in plan:
+                        svals[i][j].copy_(new[k])
+                return out
+            return run
+        self._get(cfg, make, args)(*args)
         for st in states:
             for k, j in alias.items():
                 st[k], st[j] = st[j], st[k]
 
-    def terms(self, gts, params, states, keys, hvals, names, learned, opts, dtypes, scalar_step=None,
-              per_tensor=True):
-        """Sum of g_t * d x / d q per learned name: per tensor (a list of lists of 0-dim tensors),
-        or with ``per_tensor=False`` over the whole group (a list of 0-dim tensors)."""
+    def _aliases(self, p, g, s, keys, hrow, names, opts, step):
         rule = self.rule
-        cfg = (tuple(keys), tuple(names), tuple(learned), tuple(sorted(opts.items())), tuple(dtypes), per_tensor)
-        svals = [[s[k] for k in keys] for s in states]
-        if scalar_step is not None:
-            fn = self._get("happly", cfg, lambda: _make_happly(rule.hyper_coefficients, rule.hyper_apply, keys,
-                                                               names, learned, opts, dtypes, per_tensor))
-            return fn(gts, params, svals, hvals[0], scalar_step)[0]
-        fn = self._get("terms", cfg, lambda: _make_terms(rule.hyper_terms, keys, names, learned, opts, dtypes,
-                                                         per_tensor))
-        return fn(gts, params, svals, hvals)
+        s0 = {k: s[k] for k in s if k != "hg_prev"}
+        h0 = dict(zip(names, hrow))
+        g0 = -g if opts.get("maximize") else g
+        if step is not None:
+            _, new = rule.apply(p, g0, s0, rule.coefficients(h0, step + 1, opts), opts)
+        else:
+            _, new = rule.update(p, g0, s0, h0, opts)
+        return {k: j for k in keys if k.startswith("hg_") for j in keys if j != k and new[k] is s0[j]}
 
+    # ------------------------------------------------------------------ hyper-gradient
+    def terms(self, kind, gts, params, states, keys, hvals, names, learned, opts, dtypes, step=None,
+              per_tensor=False):
+        """Sums of g_t * d x_s / d q for each name in ``learned``: one row for the group, or one
+        row per tensor with ``per_tensor`` (a list of rows of 0-dim tensors).
 
-def _make_apply(coefficients, apply, plan, keys, names, opts):
-    def run(params, grads, svals, hv, step):
-        c = coefficients(dict(zip(names, hv)), step + 1, opts)
-        for p, g, sv in zip(params, grads, svals):
-            new_p, new = apply(p, -g if opts.get("maximize") else g, dict(zip(keys, sv)), c, opts)
-            p.copy_(new_p)
-            for k, i in plan:
-                sv[i].copy_(new[k])
-        return c  # returned, so computed once (see the module docstring)
-    return run
+        ``kind``: ``"closed"`` (the rule's closed form; with ``step``, its scalars computed once
+        through ``hyper_coefficients``) or ``"restore"`` (autograd through ``update`` at the
+        inputs ``restore`` rebuilds)."""
+        rule = self.rule
+        n = len(params)
+        split = step is not None
+        cfg = ("terms", kind, keys, names, learned, tuple(sorted(opts.items())), dtypes, split, per_tensor,
+               len(hvals), n)
+        args = list(gts) + list(params)
+        for s in states:
+            args.extend(s[k] for k in keys)
+        for row in hvals:
+            args.extend(row)
+        if split:
+            args.append(step)
+        neg = bool(opts.get("maximize"))
+        nl = len(learned)
 
-
-def _make_update(update, plan, keys, names, opts):
-    def run(params, grads, svals, hvals):
-        for p, g, sv, hv in zip(params, grads, svals, hvals):
-            new_p, new = update(p, -g if opts.get("maximize") else g, dict(zip(keys, sv)),
-                                dict(zip(names, hv)), opts)
-            p.copy_(new_p)
-            for k, i in plan:
-                sv[i].copy_(new[k])
-    return run
+        def make():
+            def run(*a):
+                gs, ps = a[:n], a[n:2 * n]
+                off = 2 * n
+                svals = []
+                for _ in range(n):
+                    svals.append(dict(zip(keys, a[off:off + len(keys)])))
+                    off += len(keys)
+                rows = []
+                for _ in range(len(hvals)):
+                    rows.append(dict(zip(names, a[off:off + len(names)])))
+                    off += len(names)
+                gts_ = [-x if neg else x for x in gs]
+                if kind == "closed":
+                    out, extra = _closed(rule, gts_, ps, svals, rows, learned, opts, dtypes,
+                                         a[off] if split else None)
+                    extra = _tensors(dict(enumerate(extra)), a)
+                else:
+                    out, extra = _restored(rule, gts_, ps, svals, rows, learned, opts, dtypes)
+                if not per_tensor:
+                    out = [sum(col[1:], col[0]) for col in zip(*out)]
+                    return list(out) + extra
+                return [x for row in out for x in row] + extra
+            return run
+        res = self._get(cfg, make, args)(*args)
+        if not per_tensor:
+            return list(res[:nl])
+        return [list(res[i * nl:(i + 1) * nl]) for i in range(n)]
 
 
 def _sums(t, learned, dtypes, like):
@@ -137,29 +211,38 @@ def _sums(t, learned, dtypes, like):
             for n, dt in zip(learned, dtypes)]
 
 
-def _reduce(rows, per_tensor):
-    if per_tensor:
-        return rows
-    return [sum(col[1:], col[0]) for col in zip(*rows)]
+def _closed(rule, gts, ps, svals, rows, learned, opts, dtypes, step):
+    out = []
+    if step is not None:
+        c = rule.hyper_coefficients(rows[0], step, opts)
+        for gt, p, s in zip(gts, ps, svals):
+            out.append(_sums(rule.hyper_apply(gt, p, s, c, opts, learned), learned, dtypes, p))
+        return out, list(c.values())
+    for i, (gt, p, s) in enumerate(zip(gts, ps, svals)):
+        h = rows[i if len(rows) > 1 else 0]
+        out.append(_sums(rule.hyper_terms(gt, p, s, h, opts, learned), learned, dtypes, p))
+    return out, []
 
 
-def _make_happly(hyper_coefficients, hyper_apply, keys, names, learned, opts, dtypes, per_tensor):
-    def run(gts, params, svals, hv, step):
-        c = hyper_coefficients(dict(zip(names, hv)), step, opts)
-        out = []
-        for gt, p, sv in zip(gts, params, svals):
-            gt = -gt if opts.get("maximize") else gt
-            out.append(_sums(hyper_apply(gt, p, dict(zip(keys, sv)), c, opts, learned), learned, dtypes, p))
-        return _reduce(out, per_tensor), c
-    return run
-
-
-def _make_terms(hyper_terms, keys, names, learned, opts, dtypes, per_tensor):
-    def run(gts, params, svals, hvals):
-        out = []
-        for gt, p, sv, hv in zip(gts, params, svals, hvals):
-            gt = -gt if opts.get("maximize") else gt
-            t = hyper_terms(gt, p, dict(zip(keys, sv)), dict(zip(names, hv)), opts, learned)
-            out.append(_sums(t, learned, dtypes, p))
-        return _reduce(out, per_tensor)
-    return run
+def _restored(rule, gts, ps, svals, rows, learned, opts, dtypes):
+    """Autograd through the update at the rebuilt inputs: one leaf per learned value (shared by
+    the group, or one per tensor), so the leaves' gradients are the sums."""
+    with torch.enable_grad():
+        leaves = []
+        for row in rows:
+            leaves.append({k: row[k].detach().requires_grad_(True) for k in learned})
+        outs = []
+        for i, (p, s) in enumerate(zip(ps, svals)):
+            r = i if len(rows) > 1 else 0
+            h = rows[r]
+            p0, g0, s0 = rule.restore(p, s, h, opts)
+            new_p, _ = rule.update(p0, g0, s0, {**h, **leaves[r]}, opts)
+            outs.append(new_p)
+        flat = [lf[k] for lf in leaves for k in learned]
+        grads = torch.autograd.grad(outs, flat, list(gts), allow_unused=True)
+    grads = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, flat)]
+    grads = [gr.to(dt) for gr, dt in zip(grads, dtypes * len(leaves))]
+    nl = len(learned)
+    if len(leaves) == 1:  # shared by the group: the sums are over all tensors already
+        return [grads[:nl]] + [[torch.zeros_like(x) for x in grads[:nl]] for _ in ps[1:]], []
+    return [grads[i * nl:(i + 1) * nl] for i in range(len(leaves))], []

@@ -51,6 +51,12 @@ REPARAMS = (None, "log", "logit")
 
 # Keys of the per-parameter state that belong to the engine, not to the rule.
 _RECORD = "hg_prev"
+_UNSET = object()
+
+
+def _shares(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors share memory (a view, or the same tensor)."""
+    return a is b or (a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +244,7 @@ class HyperVar:
 
 _HG_KWARGS = ("hyper", "learn", "scope", "bounds", "reparam", "per_name", "hyper_warmup",
               "hypergrad_clip", "backend", "compile")
-BACKENDS = ("auto", "closed", "autograd")
+BACKENDS = ("auto", "closed", "restore", "autograd")
 
 
 class HyperOptimizer(torch.optim.Optimizer):
@@ -280,10 +286,13 @@ class HyperOptimizer(torch.optim.Optimizer):
         Clip the hyper-gradient of each learned hyperparameter (per param group, or per tensor
         of its scope) to this norm before the level above uses it (default: no clipping).
     backend
-        ``"auto"`` (default): the rule's closed-form hyper-gradients where it has them for the
-        configuration, else the generic path; ``"closed"``: closed forms or an error;
-        ``"autograd"``: always the generic path (autograd through the recorded update, the
-        reference the closed forms are tested against).
+        How hyper-gradients are computed. ``"auto"`` (default): the rule's closed form where it
+        has one for the configuration, else ``"restore"`` where the rule has one, else
+        ``"autograd"``. ``"closed"``: the hand-derived closed form (or an error).
+        ``"restore"``: autograd through the update at its inputs, which the rule rebuilds from
+        its state and about one saved parameter-sized buffer (or an error). ``"autograd"``:
+        autograd through recorded copies of the update's inputs (the reference the others are
+        tested against; the most memory).
     compile
         ``True``: fuse each param group's update, and its closed-form hyper-gradient, into one
         ``torch.compile``d kernel each (compiled on first use, a few seconds; needs a C++
@@ -313,8 +322,16 @@ class HyperOptimizer(torch.optim.Optimizer):
     # ``opts["hg_save"]`` is set) and the values ``h`` used at step s.
     hyper_terms = None
 
+    # Restore (optional): ``restore(p, state, h, opts) -> (p_prev, g, state_prev)`` rebuilds the
+    # inputs of the update of step s (the parameter before it, the gradient it used, the state
+    # before it, without ``hg_*`` entries) from the parameter and the state after it (with the
+    # ``hg_*`` entries ``update`` saved under ``opts["hg_save"]``) and the values ``h`` used at
+    # step s. The engine then differentiates ``update`` at those inputs with autograd.
+    restore = None
+
     def closed_form_ok(self, opts: dict, vars: dict) -> bool:
-        """Whether the closed form covers a group with these options and hyperparameters."""
+        """Whether the closed form and ``restore`` cover a group with these options and
+        hyperparameters (they may divide by a hyperparameter that can reach 0)."""
         return True
 
     @staticmethod
@@ -416,6 +433,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._hg_backend = backend
         self._hg_compile = bool(hg.get("compile", False))
         self._hg_kernels: dict[int, Any] = {}
+        self._hg_kinds: dict[int, str | None] = {}
         self._hg_stable: dict[int, tuple] = {}
         self._hg_aligned: dict[int, bool] = {}
 
@@ -540,6 +558,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             vars[spec.name] = hv
         self._hg_vars.append(vars)
         self._hg_opts.append(self.options(group, floats))
+        self._hg_kinds.pop(len(self._hg_vars) - 1, None)
 
     def _hg_floats(self, gi: int) -> dict[str, float | None]:
         out = {}
@@ -561,6 +580,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                 changed = True
             if changed:
                 self._hg_opts[gi] = self.options(group, self._hg_floats(gi))
+                self._hg_kinds.pop(gi, None)
 
     def _hg_assign(self, hv: HyperVar, entry, gi: int) -> None:
         where = f" (param group {gi})" if gi else ""
@@ -717,136 +737,183 @@ class HyperOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support complex gradients")
         return -g if opts.get("maximize") else g
 
-    def _hg_closed(self, gi: int) -> bool:
-        """Whether param group ``gi`` takes the closed-form path (else the generic one)."""
-        if self._hg_backend == "autograd" or not self._hg_learn or type(self).hyper_terms is None:
-            return False
+    def _hg_kind(self, gi: int) -> str | None:
+        """How the hyper-gradient of param group ``gi`` is computed (cached per group):
+        ``"closed"`` (the rule's closed form), ``"restore"`` (autograd through the update at the
+        inputs the rule rebuilds from its state), ``"autograd"`` (autograd through recorded
+        copies of the inputs: the reference), or None where nothing is learned."""
+        kind = self._hg_kinds.get(gi, _UNSET)
+        if kind is _UNSET:
+            kind = self._hg_kinds[gi] = self._hg_pick_kind(gi)
+        return kind
+
+    def _hg_pick_kind(self, gi: int) -> str | None:
+        if not self._hg_learn:
+            return None
+        backend = self._hg_backend
+        if backend == "autograd":
+            return "autograd"
+        cls = type(self)
         ok = self.closed_form_ok(self._hg_opts[gi], self._hg_vars[gi])
-        if not ok and self._hg_backend == "closed":
-            raise RuntimeError(f"{type(self).__name__}: backend='closed' but the closed form does not "
-                               f"cover this configuration ({ok.reason if hasattr(ok, 'reason') else ok})")
-        return bool(ok)
+        closed = cls.hyper_terms is not None and bool(ok)
+        # the projection of a hyper level's parameters (clipping) cannot be undone: those
+        # scalars keep recorded copies
+        projected = any(p in self._hg_proj for p in self.param_groups[gi]["params"])
+        restore = cls.restore is not None and bool(ok) and not projected
+        if backend in ("closed", "restore") and not (closed if backend == "closed" else restore or closed):
+            why = getattr(ok, "reason", None) or (
+                f"{cls.__name__} has no closed form" if backend == "closed" and cls.hyper_terms is None else
+                f"{cls.__name__} has no restore" if cls.restore is None and not closed else
+                "this configuration is not covered")
+            raise RuntimeError(f"{cls.__name__}: backend={backend!r} is not available for param group {gi} ({why})")
+        if backend == "restore" and restore:
+            return "restore"
+        return "closed" if closed else "restore" if restore else "autograd"
 
     def _hg_update(self) -> None:
         """Update this level's parameters in place, recording what the next hyper-gradient needs."""
-        record = bool(self._hg_learn)
-        snaps: dict[int, list[Tensor]] = {}
-        if record:  # the hyperparameter values this step uses
+        snaps = None
+        if self._hg_learn:  # the hyperparameter values this step uses
+            snaps = {}
             for vars in self._hg_vars:
                 for hv in vars.values():
                     if id(hv) not in snaps:
                         snaps[id(hv)] = [v.detach().clone() for v in hv.value]
-        for gi, group in enumerate(self.param_groups):
-            vars, opts = self._hg_vars[gi], self._hg_opts[gi]
-            closed = record and self._hg_closed(gi)
-            o = dict(opts, hg_save=True) if closed else opts
-            if self._hg_compile and (closed or not record) and self._hg_try(self._hg_update_compiled, gi, o,
-                                                                             snaps if record else None):
+        for gi in range(len(self.param_groups)):
+            kind = self._hg_kind(gi) if snaps is not None else None
+            if self._hg_compile and kind != "autograd" and self._hg_try(self._hg_update_compiled, gi, kind, snaps):
                 continue
-            keysets = set()
-            for i, p in enumerate(group["params"]):
-                st = self.state[p]
-                if p.grad is None:
-                    st.pop(_RECORD, None)
-                    self._hg_aligned[gi] = False
-                    continue
-                g = self._hg_grad(p, opts)
-                if not any(k != _RECORD for k in st):
-                    st.update(self.init_state(p, opts))
+            self._hg_update_eager(gi, kind, snaps)
+
+    def _hg_update_eager(self, gi: int, kind: str | None, snaps) -> None:
+        group, vars, opts = self.param_groups[gi], self._hg_vars[gi], self._hg_opts[gi]
+        o = dict(opts, hg_save=True) if kind in ("closed", "restore") else opts
+        keysets = set()
+        # the scalars of the rule (bias corrections, step sizes) once for the group where it can
+        coef = self._hg_group_scalars(gi, "coefficients", 1)
+        for i, p in enumerate(group["params"]):
+            st = self.state[p]
+            if p.grad is None:
+                st.pop(_RECORD, None)
+                self._hg_aligned[gi] = False
+                continue
+            g = self._hg_grad(p, opts)
+            old = {k: v for k, v in st.items() if k != _RECORD and not k.startswith("hg_")}
+            if not old:
+                old = self.init_state(p, opts)
+                st.update(old)
+            if coef is not None:
+                new_p, new_state = self.apply(p, g, old, coef, o)
+            else:
                 h = {n: hv.value[0 if len(hv.value) == 1 else i] for n, hv in vars.items()}
-                old = {k: v for k, v in st.items() if k != _RECORD}
                 new_p, new_state = self.update(p, g, old, h, o)
-                b = self._hg_proj.get(p)
-                mask = None
-                if b is not None:
-                    if closed:  # where the projection clips, the derivative is 0
-                        mask = (new_p >= b[0]) & (new_p <= b[1])
-                    new_p = new_p.clamp(b[0], b[1])
-                if record:
-                    hs = {n: snaps[id(hv)][0 if len(hv.value) == 1 else i] for n, hv in vars.items()}
-                    if closed:  # the rule's update saved what its closed form needs (hg_* state)
-                        st[_RECORD] = {"h": hs, "mask": mask}
-                    else:
-                        st[_RECORD] = {
-                            # the old value only matters where the rule reads it or a projection clips
-                            "p": p.clone() if b is not None or self.uses_param(opts) else None,
-                            "g": g.clone(),
-                            "state": old,
-                            "h": hs,
-                        }
-                for k, v in new_state.items():
+            b = self._hg_proj.get(p)
+            mask = None
+            if b is not None:
+                if kind == "closed":  # where the projection clips, the derivative is 0
+                    mask = (new_p >= b[0]) & (new_p <= b[1])
+                new_p = new_p.clamp(b[0], b[1])
+            if kind is not None:
+                hs = {n: snaps[id(hv)][0 if len(hv.value) == 1 else i] for n, hv in vars.items()}
+                if kind == "autograd":
+                    st[_RECORD] = {
+                        "kind": kind,
+                        # the old value only matters where the rule reads it or a projection clips
+                        "p": p.clone() if b is not None or self.uses_param(opts) else None,
+                        "g": g.clone(),
+                        "state": old,
+                        "h": hs,
+                    }
+                else:  # the rule's update saved what its closed form / restore needs (hg_* state)
+                    st[_RECORD] = {"kind": kind, "h": hs, "mask": mask}
+            for k, v in new_state.items():
+                if k.startswith("hg_"):
+                    # saved for the next step: never a tensor that the caller or this step overwrites
+                    if _shares(v, p) or (p.grad is not None and _shares(v, p.grad)):
+                        v = v.clone()
+                    st[k] = v
+                else:
                     ov = old.get(k)
-                    st[k] = v if ov is None or v.dtype == ov.dtype else v.to(ov.dtype)
-                p.copy_(new_p)
-                keysets.add((frozenset(old), frozenset(new_state)) if b is None else None)
-            # the state is stable (same keys before and after, for every tensor): it can be compiled
+                    if ov is not None and v.dtype != ov.dtype:
+                        v = v.to(ov.dtype)
+                    elif coef is not None and k == "step":  # each tensor owns its counter
+                        v = v.clone()
+                    st[k] = v
+            p.copy_(new_p)
             if self._hg_compile:
-                ks = next(iter(keysets)) if len(keysets) == 1 else None
-                self._hg_stable[gi] = tuple(sorted(ks[1])) if ks and ks[0] == ks[1] else None
+                keysets.add((frozenset(old), frozenset(new_state)) if b is None else None)
+        # the state is stable (same keys before and after, for every tensor): it can be compiled
+        if self._hg_compile:
+            ks = next(iter(keysets)) if len(keysets) == 1 else None
+            stable = ks is not None and ks[0] == {k for k in ks[1] if not k.startswith("hg_")}
+            self._hg_stable[gi] = tuple(sorted(k for k in ks[1] if k != "step")) if stable else None
 
     def _hg_try(self, fn, *args) -> bool:
-        """Run a compiled path; if compilation fails (no C++ compiler, an unsupported op, a
-        torch.compile limit), warn once and continue on the eager path, which computes the same."""
+        """Run a compiled path; if compilation fails (no C++ compiler, an unsupported op, an
+        unexpected input layout), warn once and continue on the eager path, which computes the same."""
         try:
             return fn(*args)
-        except Exception as e:  # compilation errors surface before the kernel touches any tensor
+        except Exception as e:  # compiled code checks its inputs before it touches any tensor
             if isinstance(e, (KeyboardInterrupt, MemoryError)):
                 raise
             import warnings
             warnings.warn(f"{type(self).__name__}: compile=True failed ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}); continuing without compilation", RuntimeWarning)
+                          f"{(str(e).splitlines() or [''])[0][:200]}); continuing without compilation",
+                          RuntimeWarning)
             self._hg_compile = False
             return False
 
-    def _hg_update_compiled(self, gi, o, snaps) -> bool:
-        """The update of group ``gi`` as one compiled kernel; False where it does not apply
-        (missing gradients, projected parameters, state not yet in its steady form)."""
-        keys = self._hg_stable.get(gi)
-        group = self.param_groups[gi]
-        params = group["params"]
-        if not keys or not params or any(p.grad is None for p in params) or any(p in self._hg_proj for p in params):
-            return False
-        states = [self.state[p] for p in params]
-        if any(len(st) - (_RECORD in st) != len(keys) for st in states):
-            return False
-        grads = []
-        for p in params:
-            g = p.grad
-            if g.is_sparse or g.is_complex():
-                return False
-            grads.append(g)
-        vars = self._hg_vars[gi]
-        names = list(vars)
-        hvals = [[hv.value[0 if len(hv.value) == 1 else i] for hv in vars.values()] for i in range(len(params))]
+    def _hg_kernels_of(self, gi):
         kern = self._hg_kernels.get(gi)
         if kern is None:
             from ._compiled import GroupKernels
             kern = self._hg_kernels[gi] = GroupKernels(type(self))
-        step = self._hg_common_step(gi, states)
-        if "step" in keys:
-            # step counters advance outside the kernel, by one foreach call: fewer kernel inputs,
-            # and dynamo does not write back 0-dim float64 CPU tensors mutated in a kernel
-            steps = [st["step"] for st in states]
-            kern.update(params, grads, states, [k for k in keys if k != "step"], hvals, names, o, step,
-                        step_in_state=True)
-            torch._foreach_add_(steps, 1)
+        return kern
+
+    def _hg_update_compiled(self, gi, kind, snaps) -> bool:
+        """The update of group ``gi`` as one compiled kernel; False where it does not apply
+        (missing gradients, projected parameters, state not yet in its steady form)."""
+        keys = self._hg_stable.get(gi)
+        params = self.param_groups[gi]["params"]
+        if not keys or not params:
+            return False
+        states, grads = [], []
+        for p in params:
+            g = p.grad
+            if g is None or g.is_sparse or g.is_complex() or p in self._hg_proj:
+                return False
+            st = self.state[p]
+            if len(st) - (_RECORD in st) - ("step" in st) != len(keys):
+                return False
+            states.append(st)
+            grads.append(g)
+        vars, opts = self._hg_vars[gi], self._hg_opts[gi]
+        o = dict(opts, hg_save=True) if kind in ("closed", "restore") else opts
+        names = tuple(vars)
+        single = all(len(hv.value) == 1 for hv in vars.values())
+        if single:
+            hvals = [[hv.value[0] for hv in vars.values()]]
         else:
-            kern.update(params, grads, states, keys, hvals, names, o)
+            hvals = [[hv.value[0 if len(hv.value) == 1 else i] for hv in vars.values()] for i in range(len(params))]
+        step = self._hg_common_step(gi, states) if single else None
+        self._hg_kernels_of(gi).update(params, grads, states, keys, hvals, names, o, step)
+        if "step" in states[0]:  # step counters advance outside the kernel (CPU scalars beside device tensors)
+            torch._foreach_add_([st["step"] for st in states], 1)
         if snaps is not None:
-            if all(len(hv.value) == 1 for hv in vars.values()):  # one record serves the group
-                rec = {"h": {n: snaps[id(hv)][0] for n, hv in vars.items()}, "mask": None}
+            if single:  # one record serves the group
+                rec = {"kind": kind, "h": {n: snaps[id(hv)][0] for n, hv in vars.items()}, "mask": None}
                 for st in states:
                     st[_RECORD] = rec
             else:
                 for i, st in enumerate(states):
-                    st[_RECORD] = {"h": {n: snaps[id(hv)][0 if len(hv.value) == 1 else i]
-                                         for n, hv in vars.items()}, "mask": None}
+                    st[_RECORD] = {"kind": kind, "h": {n: snaps[id(hv)][0 if len(hv.value) == 1 else i]
+                                                       for n, hv in vars.items()}, "mask": None}
         return True
 
     def _hg_hypergrad(self) -> None:
         """Compute d f_t / d q for every learned hyperparameter and store it, in raw space, as
-        ``.grad`` of the raw tensors: from the rule's closed form where the last update recorded
-        for it, else generically (autograd through the recorded update)."""
+        ``.grad`` of the raw tensors: from the rule's closed form, or by autograd through the
+        update at the inputs its ``restore`` rebuilds or that were recorded (see ``_hg_kind``)."""
         learned = self._hg_learned_vars()
         for hv in learned:
             hv.grad = [None] * len(hv.value)
@@ -856,21 +923,35 @@ class HyperOptimizer(torch.optim.Optimizer):
             return
         owners: list = []
         acc: dict[tuple[int, int], Tensor] = {}
+
+        def add(hv, idx, snap, val):
+            key = (id(hv), idx)
+            if key in acc:
+                acc[key] = acc[key] + val
+            else:
+                acc[key] = val
+                owners.append((hv, idx, snap))
+
         outs, gouts, leaves, leaf_owners = [], [], [], []
         leafmap: dict[int, Tensor] = {}
         for gi, group in enumerate(self.param_groups):
             vars, opts = self._hg_vars[gi], self._hg_opts[gi]
             names = tuple(n for n, hv in vars.items() if hv.learned)
-            if self._hg_compile and self._hg_try(self._hg_terms_compiled, gi, names, acc, owners):
+            kind = self._hg_kind(gi)
+            if self._hg_compile and kind != "autograd" and self._hg_try(self._hg_terms_compiled, gi, kind, names, add):
                 continue
+            hcoef = self._hg_group_scalars(gi, "hyper_coefficients", 0) if kind == "closed" else None
             for i, p in enumerate(group["params"]):
                 st = self.state.get(p)
                 rec = st.get(_RECORD) if st else None
                 if rec is None or p.grad is None:
                     continue
                 gt = self._hg_grad(p, opts)
-                if "state" not in rec:  # closed form
-                    terms = self.hyper_terms(gt, p, st, rec["h"], opts, names)
+                if rec["kind"] == "closed":
+                    if hcoef is not None:
+                        terms = self.hyper_apply(gt, p, st, hcoef, opts, names)
+                    else:
+                        terms = self.hyper_terms(gt, p, st, rec["h"], opts, names)
                     for n in names:
                         hv = vars[n]
                         idx = 0 if len(hv.value) == 1 else i
@@ -879,17 +960,12 @@ class HyperOptimizer(torch.optim.Optimizer):
                             val = torch.zeros_like(hv.value[idx])
                         else:
                             if rec["mask"] is not None:
-                                t = t * rec["mask"]
+                                t = torch.where(rec["mask"], t, 0)
                             val = (t.to(hv.value[idx].dtype) if hv.scope == "element"
                                    else t.sum(dtype=hv.value[idx].dtype))
-                        key = (id(hv), idx)
-                        if key in acc:
-                            acc[key] = acc[key] + val
-                        else:
-                            acc[key] = val
-                            owners.append((hv, idx, rec["h"][n]))
+                        add(hv, idx, rec["h"][n], val)
                     continue
-                with torch.enable_grad():  # generic: autograd through the recorded update
+                with torch.enable_grad():  # autograd through the update of the last step
                     h = {}
                     for n, snap in rec["h"].items():
                         hv = vars[n]
@@ -903,8 +979,11 @@ class HyperOptimizer(torch.optim.Optimizer):
                             h[n] = leaf
                         else:
                             h[n] = snap
-                    base = p if rec["p"] is None else rec["p"]
-                    new_p, _ = self.update(base, rec["g"], rec["state"], h, opts)
+                    if rec["kind"] == "restore":
+                        p0, g0, s0 = self.restore(p, st, rec["h"], opts)
+                    else:
+                        p0, g0, s0 = (p if rec["p"] is None else rec["p"]), rec["g"], rec["state"]
+                    new_p, _ = self.update(p0, g0, s0, h, opts)
                     b = self._hg_proj.get(p)
                     if b is not None:
                         new_p = new_p.clamp(b[0], b[1])
@@ -914,23 +993,41 @@ class HyperOptimizer(torch.optim.Optimizer):
         if leaves:
             grads = torch.autograd.grad(outs, leaves, gouts, allow_unused=True) if outs else [None] * len(leaves)
             for (hv, idx, snap), gr in zip(leaf_owners, grads):
-                if gr is None:
-                    gr = torch.zeros_like(snap)
-                key = (id(hv), idx)
-                if key in acc:
-                    acc[key] = acc[key] + gr
-                else:
-                    acc[key] = gr
-                    owners.append((hv, idx, snap))
+                add(hv, idx, snap, torch.zeros_like(snap) if gr is None else gr)
         self._hg_store(owners, acc)
+
+    def _hg_group_scalars(self, gi, attr, ahead):
+        """The rule's scalars ``attr`` (``coefficients`` for the update, with the values now;
+        ``hyper_coefficients`` for the closed form, with the values recorded at the last step),
+        computed once for group ``gi`` where every tensor has a state with the same step count
+        and the same single values; else None (each tensor then computes its own)."""
+        if getattr(type(self), attr, None) is None or any(len(hv.value) != 1 for hv in self._hg_vars[gi].values()):
+            return None
+        params = self.param_groups[gi]["params"]
+        states = []
+        for p in params:
+            st = self.state.get(p)
+            if not st or p.grad is None or "step" not in st:
+                return None
+            states.append(st)
+        step = self._hg_common_step(gi, states, attr)
+        if step is None:
+            return None
+        if attr == "coefficients":
+            h = {n: hv.value[0] for n, hv in self._hg_vars[gi].items()}
+        else:
+            recs = [st.get(_RECORD) for st in states]
+            h = recs[0]["h"] if recs[0] is not None else None
+            if h is None or any(r is None or r["kind"] != "closed" or (r["h"] is not h and any(
+                    r["h"][n] is not x for n, x in h.items())) for r in recs):
+                return None
+        return getattr(self, attr)(h, step + ahead, self._hg_opts[gi])
 
     def _hg_common_step(self, gi, states, attr="coefficients"):
         """The group's step tensor where the rule computes its scalars once per group (it has
         ``attr``, every hyperparameter of the group is a single value, and every tensor of the
         group has taken the same number of steps), else None."""
         if getattr(type(self), attr, None) is None or "step" not in states[0]:
-            return None
-        if any(len(hv.value) != 1 for hv in self._hg_vars[gi].values()):
             return None
         if not self._hg_aligned.get(gi):
             first = states[0]["step"]
@@ -939,9 +1036,9 @@ class HyperOptimizer(torch.optim.Optimizer):
             self._hg_aligned[gi] = True
         return states[0]["step"]
 
-    def _hg_terms_compiled(self, gi, names, acc, owners) -> bool:
-        """The closed-form hyper-gradient of group ``gi`` as one compiled kernel; False where it
-        does not apply."""
+    def _hg_terms_compiled(self, gi, kind, names, add) -> bool:
+        """The hyper-gradient of group ``gi`` as one compiled kernel; False where it does not
+        apply (element scope, missing gradients or records, projected parameters)."""
         keys = self._hg_stable.get(gi)
         vars = self._hg_vars[gi]
         params = self.param_groups[gi]["params"]
@@ -951,37 +1048,31 @@ class HyperOptimizer(torch.optim.Optimizer):
         for p in params:
             st = self.state.get(p)
             rec = st.get(_RECORD) if st else None
-            if rec is None or p.grad is None or "state" in rec or rec["mask"] is not None:
+            if rec is None or p.grad is None or rec["kind"] != kind or rec["mask"] is not None:
                 return False
-            if len(st) - 1 != len(keys) or p.grad.is_sparse:
+            if len(st) - 1 - ("step" in st) != len(keys) or p.grad.is_sparse:
                 return False
             states.append(st)
             gts.append(p.grad)
-        all_names = list(vars)
-        hvals = [[st[_RECORD]["h"][n] for n in all_names] for st in states]
-        dtypes = [vars[n].value[0].dtype for n in names]
-        kern = self._hg_kernels.get(gi)
-        if kern is None:
-            from ._compiled import GroupKernels
-            kern = self._hg_kernels[gi] = GroupKernels(type(self))
-        step = self._hg_common_step(gi, states, "hyper_coefficients")
+        all_names = tuple(vars)
+        single = all(len(hv.value) == 1 for hv in vars.values())
+        if single:
+            hvals = [[states[0][_RECORD]["h"][n] for n in all_names]]
+        else:
+            hvals = [[st[_RECORD]["h"][n] for n in all_names] for st in states]
+        dtypes = tuple(vars[n].value[0].dtype for n in names)
+        step = self._hg_common_step(gi, states, "hyper_coefficients") if kind == "closed" and single else None
+        tkeys = keys if step is not None or "step" not in states[0] else keys + ("step",)
         per_tensor = any(len(vars[n].value) > 1 for n in names)
-        if step is not None:
-            keys = [k for k in keys if k != "step"]
-        sums = kern.terms(gts, params, states, keys, hvals, all_names, names, self._hg_opts[gi], dtypes, step,
-                          per_tensor)
+        sums = self._hg_kernels_of(gi).terms(kind, gts, params, states, tkeys, hvals, all_names, names,
+                                             self._hg_opts[gi], dtypes, step, per_tensor)
         if not per_tensor:  # one value per name for the whole group
             sums = [sums]
         for i, row in enumerate(sums):
             for n, val in zip(names, row):
                 hv = vars[n]
                 idx = 0 if len(hv.value) == 1 else i
-                key = (id(hv), idx)
-                if key in acc:
-                    acc[key] = acc[key] + val
-                else:
-                    acc[key] = val
-                    owners.append((hv, idx, states[i][_RECORD]["h"][n]))
+                add(hv, idx, states[i][_RECORD]["h"][n], val)
         return True
 
     def _hg_store(self, owners, acc) -> None:
@@ -1074,6 +1165,9 @@ class HyperOptimizer(torch.optim.Optimizer):
                             r.copy_(s)
                 _set(group, hv.spec.key, hv.entry())
             self._hg_opts[gi] = self.options(group, self._hg_floats(gi))
+        self._hg_kinds.clear()
+        self._hg_stable.clear()
+        self._hg_aligned.clear()
         self.hyper_steps_skipped = int(extra.get("hyper_steps_skipped", 0))
         self._hg_t = int(extra.get("t", 0))
         if self._hg_hyper is not None:
