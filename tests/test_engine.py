@@ -340,3 +340,32 @@ def test_dead_features_give_finite_hypergradients(case):
             for name, g in opt.hypergradients().items():
                 assert torch.isfinite(g), f"{case.name} {name}: {g}"
     assert opt.hyper_steps_skipped == 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_gradients_zeroed_in_place_give_the_same_run(case):
+    """``zero_grad(set_to_none=False)`` zeroes and refills the same gradient tensors: what an
+    optimizer keeps for its next hyper-gradient must not be one of them."""
+    def run(set_to_none):
+        model = MLP()
+        opt = case.ours(model.parameters(), **case.fd_kw, hyper=hg.SGD(lr=1e-5), learn=case.learnable)
+        for t in range(1, 7):
+            opt.zero_grad(set_to_none=set_to_none)
+            loss_at(model, t).backward()
+            opt.step()
+        return model, opt
+    (m1, o1), (m2, o2) = run(True), run(False)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b), case.name
+    for n, v in o1.hyperparameters().items():
+        assert torch.equal(v, o2.hyperparameters()[n]), f"{case.name} {n}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("Adam", "MADA", "NAdam")], ids=lambda c: c.name)
+def test_each_parameter_owns_its_step_counter(case):
+    model = MLP()
+    opt = case.ours(model.parameters(), **case.fd_kw, hyper=hg.SGD(lr=1e-5))
+    train(model, opt, 4)
+    steps = [st["step"] for p, st in opt.state.items() if p in set(model.parameters())]
+    assert len({id(s) for s in steps}) == len(steps) == 4
+    assert all(float(s) == 4 for s in steps)
