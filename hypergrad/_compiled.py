@@ -130,7 +130,7 @@ class GroupKernels:
                     if split:
                         new_p, new = rule.apply(ps[i], g, s, c, opts)
                     else:
-                        new_p, new = rule.update(ps[i], g, s, dict(zip(names, rows[i])), opts)
+                        new_p, new = rule.update(ps[i], g, s, dict(zip(names, rows[i if len(rows) > 1 else 0])), opts)
                     ps[i].copy_(new_p)
                     for k, j in plan:
                         svals[i][j].copy_(new[k])
@@ -143,7 +143,7 @@ class GroupKernels:
 
     def _aliases(self, p, g, s, keys, hrow, names, opts, step):
         rule = self.rule
-        s0 = {k: s[k] for k in s if k != "hg_prev"}
+        s0 = {k: s[k] for k in s if k != "hg_record"}
         h0 = dict(zip(names, hrow))
         g0 = -g if opts.get("maximize") else g
         if step is not None:

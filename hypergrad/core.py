@@ -50,7 +50,7 @@ SCOPES = ("group", "shared", "tensor", "element")
 REPARAMS = (None, "log", "logit")
 
 # Keys of the per-parameter state that belong to the engine, not to the rule.
-_RECORD = "hg_prev"
+_RECORD = "hg_record"
 _UNSET = object()
 
 

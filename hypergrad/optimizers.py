@@ -83,6 +83,37 @@ def _lerp(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
     return torch.lerp(a, b, w)
 
 
+def _positive(vars: dict, *names, values: dict | None = None):
+    """For ``closed_form_ok``: the hyperparameters a rule's closed form or restore divides by
+    stay > 0 (learned: their lower projection bound; fixed: their value)."""
+    for n in names:
+        hv = vars[n]
+        lo = hv.lo if hv.learned else min(float(v.min()) for v in hv.value)
+        if not lo > 0:
+            return _No(f"it divides by {n}, which can be 0 here (learned: raise its lower bound above 0)")
+    return True
+
+
+class _No:
+    """A false answer with a reason."""
+
+    def __init__(self, reason):
+        self.reason = reason
+
+    def __bool__(self):
+        return False
+
+
+def _save_g(o, new, g):
+    if o.get("hg_save"):  # restore rebuilds the last update's inputs from it
+        new["hg_g"] = g
+
+
+def _unlerp(new, x, w):
+    """The ``a`` of ``new = lerp(a, x, w)`` (``w < 1``)."""
+    return (new - w * x) / (1 - w)
+
+
 def _refuse(name: str, **flags) -> None:
     for k, v in flags.items():
         if v:
@@ -246,7 +277,19 @@ class Adagrad(_HO):
         clr = h["lr"] / (1 + (step - 1) * h["lr_decay"])
         ssum = s["sum"] + g * g
         std = _sqrt(ssum) + h["eps"]
-        return p - clr * (g / std), {"step": step, "sum": ssum}
+        new = {"step": step, "sum": ssum}
+        _save_g(o, new, g)
+        return p - clr * (g / std), new
+
+    @staticmethod
+    def restore(p, s, h, o):
+        g = s["hg_g"]
+        step = s["step"] - 1
+        clr = h["lr"] / (1 + step * h["lr_decay"])
+        p0 = p + clr * (g / (torch.sqrt(s["sum"]) + h["eps"]))
+        if o["wd"]:
+            g = g - h["weight_decay"] * p0
+        return p0, g, {"step": step, "sum": s["sum"] - s["hg_g"] * s["hg_g"]}
 
 
 # ------------------------------------------------------------------------------------ Adadelta
@@ -259,7 +302,7 @@ class Adadelta(_HO):
 
     Learnable: ``lr``, ``rho`` (default), ``eps``, ``weight_decay``."""
 
-    hypers = (_lr(), Hyper("rho", "rho", hi=1.0, bounds=(0.0, 0.9999), auto_reparam="logit"),
+    hypers = (_lr(), Hyper("rho", "rho", hi=1.0, bounds=(0.01, 0.9999), auto_reparam="logit"),
               _eps(), _wd())
 
     def __init__(self, params=None, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
@@ -288,7 +331,27 @@ class Adadelta(_HO):
         std = _sqrt(sq + eps)
         delta = _sqrt(s["acc_delta"] + eps) / std * g
         acc = s["acc_delta"] * rho + (1 - rho) * delta * delta
-        return p - h["lr"] * delta, {"step": s["step"] + 1, "square_avg": sq, "acc_delta": acc}
+        new = {"step": s["step"] + 1, "square_avg": sq, "acc_delta": acc}
+        _save_g(o, new, g)
+        return p - h["lr"] * delta, new
+
+    def closed_form_ok(self, o, vars):
+        return _positive(vars, "rho")
+
+    @staticmethod
+    def restore(p, s, h, o):
+        rho, eps, g = h["rho"], h["eps"], s["hg_g"]
+        sq, acc = s["square_avg"], s["acc_delta"]
+        # delta^2 = (acc_old + eps) k with k = g^2 / (sq + eps), and acc = rho acc_old + (1 - rho) delta^2
+        k = g * g / (sq + eps)
+        delta2 = (acc + rho * eps) * k / (rho + (1 - rho) * k)
+        delta = torch.sign(g) * torch.sqrt(delta2)
+        p0 = p + h["lr"] * delta
+        state = {"step": s["step"] - 1, "square_avg": (sq - (1 - rho) * g * g) / rho,
+                 "acc_delta": (acc - (1 - rho) * delta2) / rho}
+        if o["wd"]:
+            g = g - h["weight_decay"] * p0
+        return p0, g, state
 
 
 # ------------------------------------------------------------------------------------ RMSprop
@@ -302,7 +365,7 @@ class RMSprop(_HO):
     Learnable: ``lr``, ``alpha``, ``momentum`` (default, where non-zero), ``eps``,
     ``weight_decay``."""
 
-    hypers = (_lr(), Hyper("alpha", "alpha", bounds=(0.0, 0.9999), auto_reparam="logit"), _eps(), _wd(),
+    hypers = (_lr(), Hyper("alpha", "alpha", bounds=(0.01, 0.9999), auto_reparam="logit"), _eps(), _wd(),
               Hyper("momentum", "momentum", bounds=(0.0, 0.9999), auto_reparam="logit"))
     _off_when_zero = ("momentum",)
 
@@ -347,10 +410,41 @@ class RMSprop(_HO):
             avg = _sqrt(sq)
         avg = avg + h["eps"]
         if o["momentum"]:
+            if o.get("hg_save"):  # restore takes the gradient from the buffers, not from a copy
+                new["hg_buf"] = s["momentum_buffer"]
             buf = s["momentum_buffer"] * h["momentum"] + g / avg
             new["momentum_buffer"] = buf
             return p - h["lr"] * buf, new
+        _save_g(o, new, g)
         return p - h["lr"] * (g / avg), new
+
+    def closed_form_ok(self, o, vars):
+        return _positive(vars, "alpha")
+
+    @staticmethod
+    def restore(p, s, h, o):
+        alpha = h["alpha"]
+        sq = s["square_avg"]
+        if o["centered"]:
+            ga = s["grad_avg"]
+            avg = torch.sqrt(sq - ga * ga) + h["eps"]
+        else:
+            avg = torch.sqrt(sq) + h["eps"]
+        state = {"step": s["step"] - 1}
+        if o["momentum"]:
+            buf0 = s["hg_buf"]
+            g = (s["momentum_buffer"] - h["momentum"] * buf0) * avg
+            state["momentum_buffer"] = buf0
+            p0 = p + h["lr"] * s["momentum_buffer"]
+        else:
+            g = s["hg_g"]
+            p0 = p + h["lr"] * (g / avg)
+        state["square_avg"] = (sq - (1 - alpha) * g * g) / alpha
+        if o["centered"]:
+            state["grad_avg"] = (ga - (1 - alpha) * g) / alpha
+        if o["wd"]:
+            g = g - h["weight_decay"] * p0
+        return p0, g, state
 
 
 # ------------------------------------------------------------------------------------ Adam family
@@ -562,7 +656,30 @@ class NAdam(_HO):
         mu_product_next = mu_product * mu_next
         p = p + (-lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom)
         p = p + (-lr * mu_next / (1.0 - mu_product_next)) * (m / denom)
-        return p, {"step": step, "mu_product": mu_product, "exp_avg": m, "exp_avg_sq": v}
+        new = {"step": step, "mu_product": mu_product, "exp_avg": m, "exp_avg_sq": v}
+        _save_g(o, new, g)
+        return p, new
+
+    def closed_form_ok(self, o, vars):
+        return _positive(vars, "beta1", "beta2")
+
+    @staticmethod
+    def restore(p, s, h, o):
+        lr, b1, b2, psi = h["lr"], h["beta1"], h["beta2"], h["momentum_decay"]
+        g, m, v, step = s["hg_g"], s["exp_avg"], s["exp_avg_sq"], s["step"]
+        mu = b1 * (1.0 - 0.5 * 0.96 ** (step * psi))
+        mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
+        mu_product = s["mu_product"]
+        denom = torch.sqrt(v / (1 - b2 ** step)) + h["eps"]
+        p0 = (p + (lr * (1.0 - mu) / (1.0 - mu_product)) * (g / denom)
+              + (lr * mu_next / (1.0 - mu_product * mu_next)) * (m / denom))
+        if o["wd"] and o["decoupled"]:
+            p0 = p0 / (1 - lr * h["weight_decay"])
+        state = {"step": step - 1, "mu_product": mu_product / mu, "exp_avg": (m - (1 - b1) * g) / b1,
+                 "exp_avg_sq": (v - (1 - b2) * g * g) / b2}
+        if o["wd"] and not o["decoupled"]:
+            g = g - h["weight_decay"] * p0
+        return p0, g, state
 
 
 class Adan(_HO):
@@ -628,8 +745,32 @@ class Adan(_HO):
         p = p - lr * b2 / (1 - b2 ** step) * (n / denom)
         if o["wd"] and not o["decouple"]:
             p = p / (1 + lr * h["weight_decay"])
-        return p, {"step": step, "exp_avg": m, "exp_avg_sq": v, "exp_avg_diff": n,
-                   "previous_grad": g.clone()}
+        new = {"step": step, "exp_avg": m, "exp_avg_sq": v, "exp_avg_diff": n, "previous_grad": g.clone()}
+        if o.get("hg_save") and prev is not None:  # restore needs the gradient before
+            new["hg_gprev"] = prev
+        return p, new
+
+    def closed_form_ok(self, o, vars):
+        return _positive(vars, "beta1", "beta2", "beta3")
+
+    @staticmethod
+    def restore(p, s, h, o):
+        lr, b1, b2, b3, eps = h["lr"], h["beta1"], h["beta2"], h["beta3"], h["eps"]
+        g, step = s["previous_grad"], s["step"]
+        prev = s.get("hg_gprev")
+        diff = torch.zeros_like(g) if prev is None else g - prev
+        m, v, n = s["exp_avg"], s["exp_avg_sq"], s["exp_avg_diff"]
+        denom = torch.sqrt(v) / (1 - b3 ** step).sqrt() + eps
+        p0 = p * (1 + lr * h["weight_decay"]) if o["wd"] and not o["decouple"] else p
+        p0 = p0 + lr / (1 - b1 ** step) * (m / denom) + lr * b2 / (1 - b2 ** step) * (n / denom)
+        if o["wd"] and o["decouple"]:
+            p0 = p0 / (1 - lr * h["weight_decay"])
+        ghat = diff * b2 + g
+        state = {"step": step - 1, "exp_avg": _unlerp(m, g, 1 - b1), "exp_avg_diff": _unlerp(n, diff, 1 - b2),
+                 "exp_avg_sq": (v - (1 - b3) * ghat * ghat) / b3}
+        if prev is not None:
+            state["previous_grad"] = prev
+        return p0, g, state
 
 
 class Yogi(_HO):
@@ -674,9 +815,31 @@ class Yogi(_HO):
                 g = g + h["weight_decay"] * p
         g2 = g * g
         m = _lerp(s["exp_avg"], g, 1 - b1)
-        v = s["exp_avg_sq"] - (1 - b2) * torch.sign(s["exp_avg_sq"] - g2) * g2
+        sign = torch.sign(s["exp_avg_sq"] - g2)
+        v = s["exp_avg_sq"] - (1 - b2) * sign * g2
         denom = _sqrt(v) / (1 - b2 ** step).sqrt() + h["eps"]
-        return p - lr / (1 - b1 ** step) * (m / denom), {"step": step, "exp_avg": m, "exp_avg_sq": v}
+        new = {"step": step, "exp_avg": m, "exp_avg_sq": v}
+        if o.get("hg_save"):  # the sign cannot be told from v alone
+            new["hg_g"], new["hg_sign"] = g, sign.to(torch.int8)
+        return p - lr / (1 - b1 ** step) * (m / denom), new
+
+    def closed_form_ok(self, o, vars):
+        return _positive(vars, "beta1")
+
+    @staticmethod
+    def restore(p, s, h, o):
+        lr, b1, b2 = h["lr"], h["beta1"], h["beta2"]
+        g, m, v, step = s["hg_g"], s["exp_avg"], s["exp_avg_sq"], s["step"]
+        denom = torch.sqrt(v) / (1 - b2 ** step).sqrt() + h["eps"]
+        p0 = p + lr / (1 - b1 ** step) * (m / denom)
+        wd = h["weight_decay"]
+        if o["wd"] and o["decouple"]:
+            p0 = p0 / (1.0 - wd * (1.0 if o["fixed"] else lr))
+        state = {"step": step - 1, "exp_avg": _unlerp(m, g, 1 - b1),
+                 "exp_avg_sq": v + (1 - b2) * s["hg_sign"].to(g.dtype) * g * g}
+        if o["wd"] and not o["decouple"]:
+            g = g - wd * p0
+        return p0, g, state
 
 
 class Lion(_HO):
@@ -716,7 +879,26 @@ class Lion(_HO):
             wd = wd / o["init_lr"]
         p = p * (1.0 - lr * wd)
         u = torch.sign(s["exp_avg"] * b1 + (1.0 - b1) * g)
-        return p - lr * u, {"exp_avg": s["exp_avg"] * b2 + (1.0 - b2) * g}
+        new = {"exp_avg": s["exp_avg"] * b2 + (1.0 - b2) * g}
+        if o.get("hg_save"):  # the closed form needs only the direction: one byte per element
+            new["hg_sign"] = u.to(torch.int8)
+        return p - lr * u, new
+
+    @staticmethod
+    def hyper_terms(gt, p, s, h, o, names):
+        """x_s = x_{s-1} (1 - lr wd) - lr sign(u): d/d lr = -(wd x_{s-1} + sign(u)),
+        d/d wd = -lr x_{s-1} (wd divided by the initial lr where decoupled); the betas act only
+        inside sign(), whose derivative is 0."""
+        lr = h["lr"]
+        wd = h["weight_decay"] / o["init_lr"] if o["decoupled"] else h["weight_decay"]
+        u = s["hg_sign"].to(gt.dtype)
+        xprev = (p + lr * u) / (1.0 - lr * wd)
+        out = {}
+        if "lr" in names:
+            out["lr"] = -gt * (wd * xprev + u)
+        if "weight_decay" in names:
+            out["weight_decay"] = -gt * (lr / o["init_lr"] if o["decoupled"] else lr) * xprev
+        return out
 
 
 class Adafactor(_HO):
@@ -762,7 +944,8 @@ class Adafactor(_HO):
         step = s["step"] + 1
         w = step ** h["beta2_decay"]
         rho = torch.minimum(lr, 1 / step ** 0.5)
-        alpha = torch.clamp(p.norm(2) / p.numel() ** 0.5, min=o["eps2"]) * rho
+        rms = p.norm(2) / p.numel() ** 0.5
+        alpha = torch.clamp(rms, min=o["eps2"]) * rho
         if o["wd"]:
             p = p * (1 - lr * h["weight_decay"])
         new = {"step": step}
@@ -778,7 +961,35 @@ class Adafactor(_HO):
             new["variance"] = var
         upd = var.clamp(min=eps1 * eps1).rsqrt() * g
         denom = torch.clamp(upd.norm(2) / (upd.numel() ** 0.5 * h["d"]), min=1.0)
+        if o.get("hg_save"):  # the gradient, and the RMS of the parameter before the step
+            new["hg_g"], new["hg_rms"] = g, rms
         return p - alpha / denom * upd, new
+
+    @staticmethod
+    def restore(p, s, h, o):
+        lr, g, step = h["lr"], s["hg_g"], s["step"]
+        eps1 = o["eps1"] if o["eps1"] is not None else torch.finfo(p.dtype).eps
+        w = step ** h["beta2_decay"]
+        first = step == 1  # a lerp with weight 1: the old values did not matter (they were zeros)
+
+        def old(new, x):
+            return torch.where(first, 0.0, _unlerp(new, x, w))
+        state = {"step": step - 1}
+        if g.dim() > 1:
+            row_var, col_var = s["row_var"], s["col_var"]
+            var = (row_var @ col_var) / row_var.mean(dim=-2, keepdim=True).clamp(min=eps1)
+            state["row_var"] = old(row_var, g.norm(dim=-1, keepdim=True).square() / g.size(-1))
+            state["col_var"] = old(col_var, g.norm(dim=-2, keepdim=True).square() / g.size(-2))
+        else:
+            var = s["variance"]
+            state["variance"] = old(var, g * g)
+        upd = var.clamp(min=eps1 * eps1).rsqrt() * g
+        denom = torch.clamp(upd.norm(2) / (upd.numel() ** 0.5 * h["d"]), min=1.0)
+        alpha = torch.clamp(s["hg_rms"], min=o["eps2"]) * torch.minimum(lr, 1 / step ** 0.5)
+        p0 = p + alpha / denom * upd
+        if o["wd"]:
+            p0 = p0 / (1 - lr * h["weight_decay"])
+        return p0, g, state
 
 
 OPTIMIZERS = {c.__name__: c for c in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, NAdam, Adan, Yogi,

@@ -26,7 +26,7 @@ import dataclasses
 import torch
 
 from hypergrad.core import Hyper
-from hypergrad.optimizers import AdamW, _HO, _lerp, _on, _sqrt, _step0
+from hypergrad.optimizers import AdamW, _HO, _lerp, _on, _positive, _sqrt, _step0
 
 __all__ = ["MADA", "HyperAdam", "COEFFICIENTS", "VARIANTS"]
 
@@ -148,7 +148,8 @@ class MADA(_HO):
         g_hat = g + c["b3"] * diff
         g_hat2 = g_hat * g_hat
         v_prev = s["exp_avg_sq"]
-        g2 = c["c"] * g_hat2 + c["wc"] * (v_prev + g_hat2 * torch.sign(g_hat2 - v_prev))
+        ysign = torch.sign(g_hat2 - v_prev)
+        g2 = c["c"] * g_hat2 + c["wc"] * (v_prev + g_hat2 * ysign)
         m = _lerp(s["exp_avg"], g, c["w1"])
         v = v_prev * c["b2"] + c["w2"] * g2
         n = _lerp(s["exp_avg_diff"] if "exp_avg_diff" in s else g * g, diff, c["w3"])
@@ -169,10 +170,16 @@ class MADA(_HO):
         new_p = p - c["lr"] * (c["gamma"] * adam + c["wgamma"] * lion)
         new = {"step": c["t"], "exp_avg": m, "exp_avg_sq": v, "exp_avg_diff": n, "v_mean": v_mean,
                "lion_exp_avg": m_lion, "previous_grad": g.clone()}
-        if o.get("hg_save"):  # the closed form needs the inputs the state no longer shows
-            new.update(hg_g2=g_prev, hg_m=s["exp_avg"], hg_v=v_prev,
-                       hg_n=s["exp_avg_diff"] if "exp_avg_diff" in s else g * g, hg_sign=lion.to(torch.int8))
+        if o.get("hg_save"):
+            # what the closed form cannot rebuild from the new state: the old n (beta3 may be 0)
+            # and the two sign decisions (Yogi's and Lion's), one byte each
+            new.update(hg_n=s["exp_avg_diff"] if "exp_avg_diff" in s else g * g,
+                       hg_ysign=ysign.to(torch.int8), hg_sign=lion.to(torch.int8))
         return new_p, new
+
+    def closed_form_ok(self, o, vars):
+        # the closed form rebuilds m_{s-1} and v_{s-1} dividing by beta1 and (about) beta2
+        return _positive(vars, "beta1", "beta2")
 
     @staticmethod
     def update(p, g, s, h, o):
@@ -183,24 +190,29 @@ class MADA(_HO):
         """The scalars of the closed form for the update number ``t``."""
         c = MADA.coefficients(h, t, o)
         b1, b2, b3 = h["beta1"], h["beta2"], h["beta3"]
-        c.update(k1=t * b1 ** (t - 1) / c["bc1"], k2=t * b2 ** (t - 1) / c["bc2"], wd=h["weight_decay"])
+        c.update(k1=t * b1 ** (t - 1) / c["bc1"], k2=t * b2 ** (t - 1) / c["bc2"], wd=h["weight_decay"],
+                 ib1=1 / b1, iw3=1 / (1 - b3), iv0=1 / (1 - c["w2"] * h["c"]))
         if not o["reference"]:
             c["k3"] = t * b3 ** (t - 1) / c["bc3"]
         return c
 
     @staticmethod
     def hyper_apply(gt, p, s, c, o, names):
-        """g_t * d x_s / d q, element-wise, from the state after step s and the saved inputs of
-        that step (g_{s-1}, m_{s-1}, v_{s-1}, n_{s-1}, sign(u_s)); docs/mada.md has the equations."""
+        """g_t * d x_s / d q, element-wise, from the state after step s and what that step saved
+        (n_{s-1} and two signs); m_{s-1}, v_{s-1} and g_s - g_{s-1} are rebuilt from the
+        moments' updates. docs/mada.md has the equations."""
         lr, b3, rho, gamma, t = c["lr"], c["b3"], c["rho"], c["gamma"], c["t"]
         ref = o["reference"]
-        g, diff = s["previous_grad"], s["previous_grad"] - s["hg_g2"]
-        m0, v0, n0 = s["hg_m"], s["hg_v"], s["hg_n"]
-        m, v, n, vm = s["exp_avg"], s["exp_avg_sq"], s["exp_avg_diff"], s["v_mean"]
+        m, v, n, vm, g = s["exp_avg"], s["exp_avg_sq"], s["exp_avg_diff"], s["v_mean"], s["previous_grad"]
+        n0 = s["hg_n"]
         lion = s["hg_sign"].to(gt.dtype)
+        sig = s["hg_ysign"].to(gt.dtype)
+        diff = (n - b3 * n0) * c["iw3"]                      # n = b3 n_{s-1} + (1 - b3) diff
+        m0 = (m - c["w1"] * g) * c["ib1"]                    # m = b1 m_{s-1} + (1 - b1) g
         g_hat = g + b3 * diff
         g_hat2 = g_hat * g_hat
-        sig = torch.sign(g_hat2 - v0)
+        # v = b2 v_{s-1} + (1 - b2) (c g_hat^2 + (1 - c) (v_{s-1} + sig g_hat^2))
+        v0 = (v - c["w2"] * g_hat2 * (c["c"] + c["wc"] * sig)) * c["iv0"]
         g2 = c["c"] * g_hat2 + c["wc"] * (v0 + g_hat2 * sig)
         m_hat = m * c["ibc1"]
         n_hat = n if ref else n * c["ibc3"]

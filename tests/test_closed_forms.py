@@ -47,19 +47,68 @@ def test_closed_form_matches_generic(case, i, float64_default):
 
 
 CLOSED = [c for c in CASES if c.ours.hyper_terms is not None]
+LEAN = [c for c in CASES if c.ours.hyper_terms is not None or c.ours.restore is not None]
 
 
 def test_closed_forms_exist_for_the_main_optimizers():
-    assert {c.name for c in CLOSED} >= {"SGD", "Adam", "AdamW", "MADA"}
+    assert {c.name for c in CLOSED} >= {"SGD", "Adam", "AdamW", "MADA", "Lion"}
+    assert {c.name for c in LEAN} == {c.name for c in CASES}, "every optimizer has a lean path"
 
 
-@pytest.mark.parametrize("case", CLOSED, ids=lambda c: c.name)
-def test_closed_form_is_used(case):
+@pytest.mark.parametrize("case", LEAN, ids=lambda c: c.name)
+def test_lean_path_is_used(case):
     model = MLP()
-    opt = case.ours(model.parameters(), **case.fd_kw, hyper=hg.SGD(lr=1e-6), backend="closed")
+    opt = case.ours(model.parameters(), **case.fd_kw, hyper=hg.SGD(lr=1e-6), learn=case.learnable)
     train(model, opt, 3)
-    recs = [st["hg_prev"] for st in opt.state.values()]
-    assert recs and all("state" not in r for r in recs)
+    kinds = {st["hg_record"]["kind"] for st in opt.state.values()}
+    assert kinds == {"closed" if case.ours.hyper_terms is not None else "restore"}
+    assert all("state" not in st["hg_record"] for st in opt.state.values())
+
+
+def _saved_buffers(opt, params):
+    """Bytes the optimizer keeps for its next hyper-gradient (hg_* entries and record copies),
+    in parameter-sized buffers."""
+    n = sum(p.numel() * p.element_size() for p in params)
+    total = 0
+    for p in params:
+        st = opt.state[p]
+        for k, v in st.items():
+            if k.startswith("hg_") and torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+        rec = st.get("hg_record", {})
+        for k in ("p", "g"):
+            if rec.get(k) is not None:
+                total += rec[k].numel() * rec[k].element_size()
+        for v in (rec.get("state") or {}).values():
+            if torch.is_tensor(v) and v.dim():
+                total += v.numel() * v.element_size()
+    return total / n
+
+
+# extra parameter-sized buffers of the lean path (an int8 sign is a quarter, in float32)
+LEAN_BUFFERS = {"SGD": 2, "Adagrad": 1, "Adadelta": 1, "RMSprop": 1, "Adam": 1, "AdamW": 1, "NAdam": 1,
+                "Adan": 1, "Yogi": 1.25, "Lion": 0.25, "Adafactor": 1, "MADA": 1.5}
+
+
+@pytest.mark.parametrize("case", LEAN, ids=lambda c: c.name)
+def test_lean_path_memory(case):
+    """The documented extra memory of each lean path, against the reference's copies."""
+    model = MLP(dtype=torch.float32, d_in=16, d_hidden=32)
+    params = list(model.parameters())
+    opt = case.ours(params, **case.fd_kw, hyper=hg.SGD(lr=1e-9), learn=case.learnable)
+    x = torch.randn(8, 16)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    lean = _saved_buffers(opt, [p for p in params if p.dim() > 1])
+    assert lean <= LEAN_BUFFERS[case.name] + 0.01, f"{case.name}: {lean:.2f} buffers"
+    ref = case.ours(params, **case.fd_kw, hyper=hg.SGD(lr=1e-9), learn=case.learnable, backend="autograd")
+    for _ in range(3):
+        ref.zero_grad()
+        model(x).square().mean().backward()
+        ref.step()
+    assert _saved_buffers(ref, [p for p in params if p.dim() > 1]) > lean
 
 
 @pytest.mark.parametrize("case", CLOSED, ids=lambda c: c.name)

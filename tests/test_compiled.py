@@ -3,6 +3,8 @@ with and without hyper levels; other paths (first steps, missing gradients, scop
 eager correctly. Compilation takes seconds per configuration: a few cases run by default, the
 whole table under -m slow."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -25,7 +27,10 @@ def _pair(case, cfg, hyper, steps=8, **kw):
         model = MLP()
         h = hg.SGD(lr=1e-5) if hyper else None
         opt = case.ours(model.parameters(), **cfg, hyper=h, compile=compile, **kw)
-        train(model, opt, steps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a compile failure falls back: not here
+            train(model, opt, steps)
+        assert opt._hg_compile == compile
         out.append((model, opt))
     return out
 
@@ -60,7 +65,10 @@ def test_compiled_falls_back_where_gradients_are_missing(float64_default):
             ((model(x) - y) ** 2).mean().backward()
             if t in (3, 4):
                 model.b2.grad = None
-            opt.step()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)
+                opt.step()
+        assert opt._hg_compile == compile
         res.append((model, opt))
     _check(res, "missing grads")
 
