@@ -30,7 +30,7 @@ __all__ = ["GroupKernels", "available"]
 # buffers of their own, which for a closed form with several reductions means extra passes over
 # memory; these keep each kernel one loop that recomputes instead.
 _INDUCTOR = {"realize_reads_threshold": 1000, "realize_cpu_acc_reads_threshold": 1000,
-             "realize_cpu_opcount_threshold": 10000, "max_fusion_size": 1024}
+             "realize_cpu_opcount_threshold": 10000}
 
 
 def available() -> bool:
@@ -45,11 +45,18 @@ def available() -> bool:
 def _build(fn, args):
     """Compile ``fn(*args) -> list[Tensor]`` (which may write into its arguments) for arguments of
     exactly these shapes, strides, dtypes and devices."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gm = make_fx(fn, tracing_mode="fake")(*args)
-        return torch._inductor.compile(gm, list(args), options=_INDUCTOR)
+        # fake inputs with a shape environment (static shapes): tracing runs nothing, and
+        # inductor can key its on-disk cache of compiled graphs on them
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        fake = [mode.from_tensor(a, static_shapes=True) for a in args]
+        with mode:
+            gm = make_fx(fn, tracing_mode="real")(*fake)
+        return torch._inductor.compile(gm, fake, options=_INDUCTOR)
 
 
 def _tensors(c: dict, inputs) -> list:
