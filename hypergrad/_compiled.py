@@ -84,25 +84,26 @@ class GroupKernels:
         return fn
 
     # ------------------------------------------------------------------ update
-    def update(self, params, grads, states, keys, hvals, names, opts, step=None):
+    def update(self, params, grads, states, keys, hvals, names, opts, split=False):
         """In place: ``params[i]`` and ``states[i][k]`` (``k`` in ``keys``) take their new values.
 
         ``hvals[i]``: the hyperparameter values of tensor ``i`` (in the order of ``names``).
-        ``step``: the group's common step tensor where the rule splits its update into
-        ``coefficients`` and ``apply`` and every hyperparameter is one value for the group
-        (``hvals`` has one row then); the state's own ``step`` entries are advanced by the caller.
+        ``split``: every tensor of the group has taken the same number of steps and every
+        hyperparameter is one value for the group (``hvals`` has one row): the rule's
+        ``coefficients`` are computed once, from the first tensor's step, and ``apply`` runs for
+        every tensor. A ``step`` entry not in ``keys`` is read but not written (the caller
+        advances it: a CPU counter beside accelerator tensors).
 
         An ``hg_*`` entry that the rule sets to an old state tensor (the value before the step,
         which its hyper-gradient needs) is double-buffered: the kernel writes the new state into
         the ``hg_*`` tensor, then the two entries swap, so the old values stay where they are."""
         rule = self.rule
-        n, nk = len(params), len(keys)
-        split = step is not None
+        n = len(params)
         cfg = ("update", keys, names, tuple(sorted(opts.items())), split, n)
         alias = self._cache.get(cfg + ("alias",))
         if alias is None:  # which hg_* entries are old state tensors: ask the (pure) rule once
             alias = self._cache[cfg + ("alias",)] = self._aliases(params[0], grads[0], states[0], keys,
-                                                                   hvals[0], names, opts, step)
+                                                                   hvals[0], names, opts, split)
         dest = {j: k for k, j in alias.items()}        # where each new value is written
         plan = [(k, keys.index(dest.get(k, k))) for k in keys if k not in alias]
         rkeys = keys + (("step",) if "step" in states[0] and "step" not in keys else ())
@@ -111,9 +112,8 @@ class GroupKernels:
             args.extend(s[k] for k in rkeys)
         for row in hvals:
             args.extend(row)
-        if split:
-            args.append(step)
         neg = bool(opts.get("maximize"))
+        istep = rkeys.index("step") if split else None
 
         def make():
             def run(*a):
@@ -129,7 +129,7 @@ class GroupKernels:
                     off += len(names)
                 out = []
                 if split:
-                    c = rule.coefficients(dict(zip(names, rows[0])), a[off] + 1, opts)
+                    c = rule.coefficients(dict(zip(names, rows[0])), svals[0][istep] + 1, opts)
                     out = _tensors(c, a)
                 for i in range(n):
                     g = -gs[i] if neg else gs[i]
@@ -148,13 +148,13 @@ class GroupKernels:
             for k, j in alias.items():
                 st[k], st[j] = st[j], st[k]
 
-    def _aliases(self, p, g, s, keys, hrow, names, opts, step):
+    def _aliases(self, p, g, s, keys, hrow, names, opts, split):
         rule = self.rule
         s0 = {k: s[k] for k in s if k != "hg_record"}
         h0 = dict(zip(names, hrow))
         g0 = -g if opts.get("maximize") else g
-        if step is not None:
-            _, new = rule.apply(p, g0, s0, rule.coefficients(h0, step + 1, opts), opts)
+        if split:
+            _, new = rule.apply(p, g0, s0, rule.coefficients(h0, s0["step"] + 1, opts), opts)
         else:
             _, new = rule.update(p, g0, s0, h0, opts)
         return {k: j for k in keys if k.startswith("hg_") for j in keys if j != k and new[k] is s0[j]}
@@ -214,8 +214,8 @@ class GroupKernels:
 
 
 def _sums(t, learned, dtypes, like):
-    return [t[n].sum(dtype=dt) if n in t else torch.zeros((), dtype=dt, device=like.device)
-            for n, dt in zip(learned, dtypes)]
+    from .core import reduce_terms
+    return reduce_terms(t, learned, dtypes, [False] * len(learned), like)
 
 
 def _closed(rule, gts, ps, svals, rows, learned, opts, dtypes, step):

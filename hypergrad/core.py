@@ -895,9 +895,13 @@ class HyperOptimizer(torch.optim.Optimizer):
             hvals = [[hv.value[0] for hv in vars.values()]]
         else:
             hvals = [[hv.value[0 if len(hv.value) == 1 else i] for hv in vars.values()] for i in range(len(params))]
-        step = self._hg_common_step(gi, states) if single else None
-        self._hg_kernels_of(gi).update(params, grads, states, keys, hvals, names, o, step)
-        if "step" in states[0]:  # step counters advance outside the kernel (CPU scalars beside device tensors)
+        split = single and self._hg_common_step(gi, states) is not None
+        counted = "step" in states[0]
+        # step counters advance in the kernel where they live on its device, else after it
+        inside = counted and states[0]["step"].device == params[0].device
+        self._hg_kernels_of(gi).update(params, grads, states, keys + ("step",) if inside else keys, hvals,
+                                       names, o, split)
+        if counted and not inside:
             torch._foreach_add_([st["step"] for st in states], 1)
         if snaps is not None:
             if single:  # one record serves the group
@@ -952,18 +956,11 @@ class HyperOptimizer(torch.optim.Optimizer):
                         terms = self.hyper_apply(gt, p, st, hcoef, opts, names)
                     else:
                         terms = self.hyper_terms(gt, p, st, rec["h"], opts, names)
-                    for n in names:
+                    vals = reduce_terms(terms, names, [vars[n].value[0].dtype for n in names],
+                                        [vars[n].scope == "element" for n in names], p, rec["mask"])
+                    for n, val in zip(names, vals):
                         hv = vars[n]
-                        idx = 0 if len(hv.value) == 1 else i
-                        t = terms.get(n)
-                        if t is None:
-                            val = torch.zeros_like(hv.value[idx])
-                        else:
-                            if rec["mask"] is not None:
-                                t = torch.where(rec["mask"], t, 0)
-                            val = (t.to(hv.value[idx].dtype) if hv.scope == "element"
-                                   else t.sum(dtype=hv.value[idx].dtype))
-                        add(hv, idx, rec["h"][n], val)
+                        add(hv, 0 if len(hv.value) == 1 else i, rec["h"][n], val)
                     continue
                 with torch.enable_grad():  # autograd through the update of the last step
                     h = {}
@@ -1094,8 +1091,11 @@ class HyperOptimizer(torch.optim.Optimizer):
             hv.raw[idx].grad = raw_grad.to(hv.raw[idx].dtype)
         if acc:  # one check (and one host sync) per level: NaN/inf anywhere makes the sum non-finite
             vals = list(acc.values())
-            total = vals[0].sum() if len(vals) == 1 else torch.stack([v.sum() for v in vals]).sum()
-            finite = bool(torch.isfinite(total))
+            if all(v.dim() == 0 and v.device.type == "cpu" for v in vals):
+                finite = all(math.isfinite(v.item()) for v in vals)
+            else:
+                total = vals[0].sum() if len(vals) == 1 else torch.stack([v.sum() for v in vals]).sum()
+                finite = bool(torch.isfinite(total))
         if not finite:
             self.hyper_steps_skipped += 1
             for hv, idx, _ in owners:
@@ -1177,6 +1177,22 @@ class HyperOptimizer(torch.optim.Optimizer):
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+def reduce_terms(terms: dict, names, dtypes, element, like: Tensor, mask: Tensor | None = None) -> list:
+    """One value per name from a closed form's ``terms`` (``g_t * d x / d q`` element-wise):
+    its sum over the tensor, or the element-wise values where ``element``; 0 for a name the
+    closed form leaves out (a zero derivative)."""
+    out = []
+    for n, dt, el in zip(names, dtypes, element):
+        t = terms.get(n)
+        if t is None:
+            out.append(torch.zeros(like.shape if el else (), dtype=dt, device=like.device))
+            continue
+        if mask is not None:  # where the projection clipped, the derivative is 0
+            t = torch.where(mask, t, 0)
+        out.append(t.to(dt) if el else t.sum(dtype=dt))
+    return out
 
 
 def drive(bottom, closure=None):
