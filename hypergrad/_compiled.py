@@ -20,11 +20,12 @@ compute the same mathematics; tests compare them.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
 
-__all__ = ["GroupKernels", "available"]
+__all__ = ["GroupKernels", "usable", "mark_unusable"]
 
 # Inductor's defaults store intermediates that are read often or are large expressions in
 # buffers of their own, which for a closed form with several reductions means extra passes over
@@ -33,13 +34,30 @@ _INDUCTOR = {"realize_reads_threshold": 1000, "realize_cpu_acc_reads_threshold":
              "realize_cpu_opcount_threshold": 10000}
 
 
-def available() -> bool:
-    try:
-        import torch._inductor  # noqa: F401
-        from torch.fx.experimental.proxy_tensor import make_fx  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the installation
-        return False
-    return True
+_UNUSABLE: str | None = None
+
+
+def usable() -> bool:
+    """Whether ``compile="auto"`` compiles: inductor imports and no compilation has failed in
+    this process."""
+    global _UNUSABLE
+    if _UNUSABLE is None:
+        try:
+            import torch._inductor  # noqa: F401
+            from torch.fx.experimental.proxy_tensor import make_fx  # noqa: F401
+        except Exception as e:  # pragma: no cover - depends on the installation
+            mark_unusable(f"{type(e).__name__}: {e}")
+        else:
+            _UNUSABLE = ""
+    return not _UNUSABLE
+
+
+def mark_unusable(why: str) -> None:
+    """After a failed compilation under ``compile="auto"``: run eagerly from now on, and say so once."""
+    global _UNUSABLE
+    if not _UNUSABLE:
+        logging.getLogger("hypergrad").info("compile='auto': compilation failed (%s); running eagerly", why)
+    _UNUSABLE = why
 
 
 def _build(fn, args):

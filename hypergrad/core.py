@@ -44,9 +44,12 @@ __all__ = [
     "SCOPES",
     "REPARAMS",
     "hyper_dtype",
+    "AUTO_COMPILE_NUMEL",
 ]
 
 SCOPES = ("group", "shared", "tensor", "element")
+# compile="auto" compiles the param groups of at least this many elements
+AUTO_COMPILE_NUMEL = 1 << 16
 REPARAMS = (None, "log", "logit")
 
 # Keys of the per-parameter state that belong to the engine, not to the rule.
@@ -294,9 +297,12 @@ class HyperOptimizer(torch.optim.Optimizer):
         autograd through recorded copies of the update's inputs (the reference the others are
         tested against; the most memory).
     compile
-        ``True``: fuse each param group's update, and its closed-form hyper-gradient, into one
-        ``torch.compile``d kernel each (compiled on first use, a few seconds; needs a C++
-        compiler on CPU). Same mathematics as the eager path.
+        ``True``: fuse each param group's update, and its hyper-gradient, into one compiled
+        kernel each (inductor, as ``torch.compile``: a C++ compiler on CPU, triton on CUDA),
+        built on first use: a few seconds, plus about 0.3 s per parameter tensor, cached on disk
+        across runs. Same mathematics as the eager path. ``"auto"`` (default): compile the
+        param groups of at least ``AUTO_COMPILE_NUMEL`` elements where compilation works, and
+        run the others eagerly. ``False``: never compile.
     """
 
     hypers: ClassVar[tuple[Hyper, ...]] = ()
@@ -431,7 +437,11 @@ class HyperOptimizer(torch.optim.Optimizer):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self._hg_backend = backend
-        self._hg_compile = bool(hg.get("compile", False))
+        compile = hg.get("compile", "auto")
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+        self._hg_compile = compile
+        self._hg_numel: dict[int, int] = {}
         self._hg_kernels: dict[int, Any] = {}
         self._hg_kinds: dict[int, str | None] = {}
         self._hg_stable: dict[int, tuple] = {}
@@ -781,7 +791,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                         snaps[id(hv)] = [v.detach().clone() for v in hv.value]
         for gi in range(len(self.param_groups)):
             kind = self._hg_kind(gi) if snaps is not None else None
-            if self._hg_compile and kind != "autograd" and self._hg_try(self._hg_update_compiled, gi, kind, snaps):
+            if kind != "autograd" and self._hg_compiles(gi) and self._hg_try(self._hg_update_compiled, gi, kind, snaps):
                 continue
             self._hg_update_eager(gi, kind, snaps)
 
@@ -789,6 +799,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         group, vars, opts = self.param_groups[gi], self._hg_vars[gi], self._hg_opts[gi]
         o = dict(opts, hg_save=True) if kind in ("closed", "restore") else opts
         keysets = set()
+        compiles = self._hg_compiles(gi)
         # the scalars of the rule (bias corrections, step sizes) once for the group where it can
         coef = self._hg_group_scalars(gi, "coefficients", 1)
         for i, p in enumerate(group["params"]):
@@ -840,26 +851,45 @@ class HyperOptimizer(torch.optim.Optimizer):
                         v = v.clone()
                     st[k] = v
             p.copy_(new_p)
-            if self._hg_compile:
+            if compiles:
                 keysets.add((frozenset(old), frozenset(new_state)) if b is None else None)
         # the state is stable (same keys before and after, for every tensor): it can be compiled
-        if self._hg_compile:
+        if compiles:
             ks = next(iter(keysets)) if len(keysets) == 1 else None
             stable = ks is not None and ks[0] == {k for k in ks[1] if not k.startswith("hg_")}
             self._hg_stable[gi] = tuple(sorted(k for k in ks[1] if k != "step")) if stable else None
 
+    def _hg_compiles(self, gi: int) -> bool:
+        """Whether param group ``gi`` runs compiled kernels (``compile=``)."""
+        c = self._hg_compile
+        if c != "auto":
+            return c
+        n = self._hg_numel.get(gi)
+        if n is None:
+            n = self._hg_numel[gi] = sum(p.numel() for p in self.param_groups[gi]["params"])
+        if n < AUTO_COMPILE_NUMEL:
+            return False
+        from . import _compiled
+        return _compiled.usable()
+
     def _hg_try(self, fn, *args) -> bool:
         """Run a compiled path; if compilation fails (no C++ compiler, an unsupported op, an
-        unexpected input layout), warn once and continue on the eager path, which computes the same."""
+        unexpected input layout), continue on the eager path, which computes the same: with a
+        warning under ``compile=True``, a log line under ``"auto"`` (which then stops trying in
+        this process)."""
         try:
             return fn(*args)
         except Exception as e:  # compiled code checks its inputs before it touches any tensor
             if isinstance(e, (KeyboardInterrupt, MemoryError)):
                 raise
-            import warnings
-            warnings.warn(f"{type(self).__name__}: compile=True failed ({type(e).__name__}: "
-                          f"{(str(e).splitlines() or [''])[0][:200]}); continuing without compilation",
-                          RuntimeWarning)
+            what = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            if self._hg_compile == "auto":
+                from . import _compiled
+                _compiled.mark_unusable(what)
+            else:
+                import warnings
+                warnings.warn(f"{type(self).__name__}: compile=True failed ({what}); continuing without "
+                              f"compilation", RuntimeWarning)
             self._hg_compile = False
             return False
 
@@ -942,7 +972,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             vars, opts = self._hg_vars[gi], self._hg_opts[gi]
             names = tuple(n for n, hv in vars.items() if hv.learned)
             kind = self._hg_kind(gi)
-            if self._hg_compile and kind != "autograd" and self._hg_try(self._hg_terms_compiled, gi, kind, names, add):
+            if kind != "autograd" and self._hg_compiles(gi) and self._hg_try(self._hg_terms_compiled, gi, kind, names, add):
                 continue
             hcoef = self._hg_group_scalars(gi, "hyper_coefficients", 0) if kind == "closed" else None
             for i, p in enumerate(group["params"]):
