@@ -50,6 +50,9 @@ def add_optimizer_args(ap, default="mada"):
     g.add_argument("--weight-decay", type=float, default=0.0,
                    help="coupled (L2) for sgdm/adam/hyper-*, decoupled for adamw/hyperadam/mada")
     g.add_argument("--beta1", type=float, default=0.9, help="beta1, or the momentum of the SGD ones")
+    g.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="fused compiled kernels for our optimizers' steps: auto (default) compiles param "
+                        "groups of 65536+ elements on first use (seconds, cached on disk), on/off force it")
     g.add_argument("--beta2", type=float, default=None,
                    help="beta2 (default: 0.999 for adam/adamw/hyper-adam, 0.95 for hyperadam/mada, "
                         "whose learned beta2 must stay in [0.501, 0.99])")
@@ -76,10 +79,10 @@ def build_optimizer(params, args, adam_lr=1e-3):
         return torch.optim.AdamW(params, lr=lr, betas=(b1, b2), weight_decay=wd)
     learn = {"hyperadam": ("beta1", "beta2"), "mada": COEFFICIENTS,
              "hyper-sgdm": ("lr", "momentum"), "hyper-adam": ("lr", "beta1", "beta2")}[name]
-    kw = {}
+    kw = {"compile": {"auto": "auto", "on": True, "off": False}[getattr(args, "compile", "auto")]}
     if args.levels > 1:
         clip = args.hypergrad_clip or None
-        kw = dict(hyper=hyper_stack(learn, args.hyper_lr, args.levels, clip), learn=learn,
+        kw.update(hyper=hyper_stack(learn, args.hyper_lr, args.levels, clip), learn=learn,
                   hyper_warmup=args.hyper_warmup, hypergrad_clip=clip)
         groups = params if isinstance(params, list) and params and isinstance(params[0], dict) else None
         if groups and len(groups) > 1:
