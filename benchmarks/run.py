@@ -12,6 +12,8 @@ Sections
           1 and 2 threads
 - stack:  a 3-level stack (Adam, SGD, SGD) against the same baseline
 - mada:   MADA learning its 6 coefficients against the fastest torch.optim.AdamW
+- parts:  the compiled update and hyper-gradient kernels of hyper-Adam alone, and inductor's
+          compiled dot product against torch.dot
 - gpt:    whole training step (forward, backward, step) of examples/gpt2.py's small char model
 - peer:   whole training step on the peer code's README MLP (784-128-128-10, batch 128), same
           Adam+SGD stack, against gradient-descent-the-ultimate-optimizer (if installed)
@@ -118,6 +120,43 @@ def stack3(compile):
 
 def mada(compile):
     return lambda p: MADA(p, lr=1e-3, hyper=hg.SGD(lr=1e-9), compile=compile)
+
+
+def section_parts(args):
+    """Where a compiled hyper-Adam step spends its time: each kernel alone, against a fused
+    torch Adam step; and a compiled dot product against torch.dot (inductor's CPU reductions)."""
+    from hypergrad import _compiled
+    n = 1_000_000 if args.quick else 10_000_000
+    torch.set_num_threads(1)
+    opt = hyper_adam(True)(params(n, args.device))
+    fused = torch.optim.Adam(params(n, args.device), lr=1e-3, fused=True) if args.device == "cpu" else \
+        torch.optim.Adam(params(n, args.device), lr=1e-3)
+    for _ in range(4):
+        opt.step()
+        fused.step()
+    names = opt.learned
+    runs = {
+        "torch Adam (fused) step": fused.step,
+        "hyper-Adam step": opt.step,
+        "update kernel": lambda: opt._hg_update_compiled(0, opt._hg_kind(0), None),
+        "hyper-gradient kernel": lambda: opt._hg_terms_compiled(0, opt._hg_kind(0), names, lambda *a: None),
+    }
+    a, b = params(n, args.device)[:2]
+    dot = _compiled._build(lambda x, y: [(x * y).sum()], [a, b])
+    runs["compiled dot product"] = lambda: dot(a, b)
+    runs["torch.dot"] = lambda: torch.dot(a, b)
+
+    def synced(f):
+        def g():
+            f()
+            _sync(args.device)
+        return g
+    t = interleaved({k: synced(f) for k, f in runs.items()}, repeats=args.repeats, inner=args.inner)
+    base = t["torch Adam (fused) step"]
+    print(f"\n[parts] {n / 1e6:g}M parameters in 8 tensors, 1 thread (dot products: {n / 8e6:g}M elements)")
+    for k, v in t.items():
+        record("parts", k, v * 1e3, "ms", params=n, threads=1, ratio=v / base)
+        print(f"  {k:<34} {v * 1e3:9.3f} ms   {v / base:6.2f}x the fused Adam step")
 
 
 # ---------------------------------------------------------------------------------- whole steps
@@ -347,7 +386,7 @@ def section_memory(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1M parameters only, fewer repeats")
-    ap.add_argument("--only", nargs="*", choices=["step", "stack", "mada", "gpt", "peer", "memory"])
+    ap.add_argument("--only", nargs="*", choices=["step", "stack", "mada", "parts", "gpt", "peer", "memory"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--inner", type=int, default=None)
@@ -358,7 +397,7 @@ def main():
     args.inner = args.inner or (3 if args.quick else 5)
     sizes = [1_000_000] if args.quick else [1_000_000, 10_000_000]
     threads = [1] if args.quick else [1, 2]
-    only = set(args.only or ["step", "stack", "mada", "gpt", "peer", "memory"])
+    only = set(args.only or ["step", "stack", "mada", "parts", "gpt", "peer", "memory"])
     t0 = time.perf_counter()
     if "step" in only:
         section_step(args, "step", torch.optim.Adam,
@@ -372,6 +411,8 @@ def main():
                      {"MADA (6 coefficients), compile=True": mada(True),
                       "MADA (nothing learned), compile=True": lambda p: MADA(p, lr=1e-3, compile=True)},
                      sizes, threads)
+    if "parts" in only:
+        section_parts(args)
     if "gpt" in only:
         section_gpt(args)
     if "peer" in only:
