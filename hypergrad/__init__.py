@@ -5,11 +5,13 @@
 """
 
 from .core import Hyper, HyperOptimizer, hyper_dtype
+from .schedule import ScaledSchedule, scale_schedule
 from .wrap import WrappedOptimizer, wrap
 from .optimizers import (OPTIMIZERS, SGD, Adadelta, Adafactor, Adagrad, Adam, Adan, AdamW, Lion, NAdam,
                          RMSprop, Yogi)
 
 __version__ = "0.1.0"
 
-__all__ = ["Hyper", "HyperOptimizer", "hyper_dtype", "wrap", "WrappedOptimizer", "OPTIMIZERS", "SGD", "Adagrad", "Adadelta",
-           "RMSprop", "Adam", "AdamW", "NAdam", "Adan", "Yogi", "Lion", "Adafactor"]
+__all__ = ["Hyper", "HyperOptimizer", "hyper_dtype", "wrap", "WrappedOptimizer", "scale_schedule", "ScaledSchedule",
+           "OPTIMIZERS", "SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "NAdam", "Adan", "Yogi", "Lion",
+           "Adafactor"]

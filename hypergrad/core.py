@@ -241,12 +241,17 @@ class HyperVar:
         self.mark()
 
 
+def _opaque_to_dynamo(fn):
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
 # --------------------------------------------------------------------------------------------
 # The base class
 # --------------------------------------------------------------------------------------------
 
 _HG_KWARGS = ("hyper", "learn", "scope", "bounds", "reparam", "per_name", "hyper_warmup",
-              "hypergrad_clip", "backend", "compile")
+              "hypergrad_clip", "backend", "compile", "shard_group", "skip_nonfinite")
 BACKENDS = ("auto", "closed", "restore", "autograd")
 
 
@@ -303,9 +308,23 @@ class HyperOptimizer(torch.optim.Optimizer):
         across runs. Same mathematics as the eager path. ``"auto"`` (default): compile the
         param groups of at least ``AUTO_COMPILE_NUMEL`` elements where compilation works, and
         run the others eagerly. ``False``: never compile.
+    skip_nonfinite
+        ``True`` (default): a step in which a gradient of the bottom level is NaN or infinite
+        is skipped whole (parameters, states, hyperparameters and step counts stay), as a
+        ``GradScaler`` skips it, and counted in ``steps_skipped``. The check is free where the
+        hyper-gradients cover the gradients (their sums are then non-finite), else one
+        reduction over the gradients. ``False``: as torch.optim, the values go through.
+    shard_group
+        The process group (or ``True``: the default one) over which the parameters of this
+        level are sharded, as under ``ZeroRedundancyOptimizer``: the hyper-gradients of the
+        group and shared scopes (partial sums on each shard) are all-reduced over it, and every
+        rank takes the same skip decision. Not needed under DDP, whose gradients are averaged
+        already.
     """
 
     hypers: ClassVar[tuple[Hyper, ...]] = ()
+    # names whose hyper-gradient is identically 0 (they act only through sign(), say)
+    zero_hypergrad_names: ClassVar[tuple[str, ...]] = ()
 
     # ---------------------------------------------------------------- rule interface
     def options(self, group: dict, values: dict[str, float]) -> dict:
@@ -457,6 +476,16 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._hg_bound = False
         self._hg_ready = False
         self.hyper_steps_skipped = 0
+        self.steps_skipped = 0
+        self._hg_ok = True
+        shard = hg.get("shard_group")
+        if shard is not None:
+            import torch.distributed as dist
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError("shard_group was given but torch.distributed is not initialized "
+                                   "(call torch.distributed.init_process_group first)")
+        self._hg_shard_group = shard
+        self._hg_skip_nonfinite = bool(hg.get("skip_nonfinite", True))
         if params is not None:
             self._hg_setup(params)
         # an unbound level keeps param_groups undefined until it is bound
@@ -725,10 +754,14 @@ class HyperOptimizer(torch.optim.Optimizer):
                                f"it as hyper= to an optimizer constructed with params")
 
     # ------------------------------------------------------------- stepping
+    @_opaque_to_dynamo
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """Perform one step: hyper-gradients bottom-up, hyper-steps top-down, then the
-        parameter update with the new hyperparameters. ``closure`` re-evaluates the loss."""
+        parameter update with the new hyperparameters. ``closure`` re-evaluates the loss.
+
+        Under ``torch.compile`` the step is opaque (a graph break): it runs its own fused
+        kernels (``compile=``), and its bookkeeping would only make dynamo recompile."""
         self._hg_check_bound()
         if self.below is not None:
             raise RuntimeError("step() is driven by the bottom level of the stack; call step() on the "
@@ -740,12 +773,16 @@ class HyperOptimizer(torch.optim.Optimizer):
             hv.refresh()
 
     def _hg_grad(self, p: Tensor, opts: dict) -> Tensor:
-        g = p.grad
+        g = self._hg_check_grad(p.grad)
+        return -g if opts.get("maximize") else g
+
+    def _hg_check_grad(self, g: Tensor) -> Tensor:
         if g.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (torch.optim.SparseAdam "
+                               f"does; or make the embedding dense: sparse=False)")
         if g.is_complex():
             raise RuntimeError(f"{type(self).__name__} does not support complex gradients")
-        return -g if opts.get("maximize") else g
+        return g
 
     def _hg_kind(self, gi: int) -> str | None:
         """How the hyper-gradient of param group ``gi`` is computed (cached per group):
@@ -821,6 +858,12 @@ class HyperOptimizer(torch.optim.Optimizer):
             b = self._hg_proj.get(p)
             mask = None
             if b is not None:
+                if not _all_finite(new_p, new_state):
+                    # a hyper-step that would make a hyperparameter or its state non-finite (an
+                    # overflow) is not taken: the value stays, and its record is dropped
+                    st.pop(_RECORD, None)
+                    self.steps_skipped += 1
+                    continue
                 if kind == "closed":  # where the projection clips, the derivative is 0
                     mask = (new_p >= b[0]) & (new_p <= b[1])
                 new_p = new_p.clamp(b[0], b[1])
@@ -953,7 +996,15 @@ class HyperOptimizer(torch.optim.Optimizer):
             hv.grad = [None] * len(hv.value)
             for r in hv.raw:
                 r.grad = None
+        # the gradients the hyper-gradients cover: a non-finite element makes their sums
+        # non-finite (every closed form and vector-Jacobian product multiplies g_t element-wise)
+        covered: set[int] = set()
+        self._hg_covered = covered
         if not learned or self._hg_t <= self._hg_warmup:
+            self._hg_ok = True
+            if self._hg_shard_group is not None:  # every rank takes the same decision
+                self._hg_ok = self._hg_agree(self._hg_grads_finite())
+                self._hg_covered = {id(p) for g in self.param_groups for p in g["params"]}
             return
         owners: list = []
         acc: dict[tuple[int, int], Tensor] = {}
@@ -972,7 +1023,10 @@ class HyperOptimizer(torch.optim.Optimizer):
             vars, opts = self._hg_vars[gi], self._hg_opts[gi]
             names = tuple(n for n, hv in vars.items() if hv.learned)
             kind = self._hg_kind(gi)
+            covers = not set(names) <= set(self.zero_hypergrad_names)
             if kind != "autograd" and self._hg_compiles(gi) and self._hg_try(self._hg_terms_compiled, gi, kind, names, add):
+                if covers:
+                    covered.update(id(p) for p in group["params"])
                 continue
             hcoef = self._hg_group_scalars(gi, "hyper_coefficients", 0) if kind == "closed" else None
             for i, p in enumerate(group["params"]):
@@ -980,6 +1034,8 @@ class HyperOptimizer(torch.optim.Optimizer):
                 rec = st.get(_RECORD) if st else None
                 if rec is None or p.grad is None:
                     continue
+                if covers:
+                    covered.add(id(p))
                 gt = self._hg_grad(p, opts)
                 if rec["kind"] == "closed":
                     if hcoef is not None:
@@ -1021,7 +1077,44 @@ class HyperOptimizer(torch.optim.Optimizer):
             grads = torch.autograd.grad(outs, leaves, gouts, allow_unused=True) if outs else [None] * len(leaves)
             for (hv, idx, snap), gr in zip(leaf_owners, grads):
                 add(hv, idx, snap, torch.zeros_like(snap) if gr is None else gr)
-        self._hg_store(owners, acc)
+        self._hg_ok = self._hg_store(owners, acc)
+
+    def _hg_grads_finite(self) -> bool:
+        """Whether the gradients of this (bottom) level that no hyper-gradient covered are finite
+        (one reduction and host sync, where there are any)."""
+        covered = getattr(self, "_hg_covered", set())
+        grads = [self._hg_check_grad(p.grad) for g in self.param_groups for p in g["params"]
+                 if p.grad is not None and id(p) not in covered]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads, float("inf"))  # NaN and inf propagate into the max
+        if len({n.device for n in norms}) == 1:
+            return bool(torch.isfinite(torch.stack(norms)).all())
+        return all(bool(torch.isfinite(n)) for n in norms)
+
+    def _hg_agree(self, ok: bool, values: list | None = None):
+        """On a level whose parameters are sharded over ``shard_group``: sum ``values`` (the
+        partial hyper-gradient sums of this rank's shard, in place) over the group, and agree on
+        ``ok`` (every rank skips a step together). Elsewhere: ``ok``."""
+        group = self._hg_shard_group
+        if group is None:
+            return ok
+        import torch.distributed as dist
+        vals = values or []
+        dev = vals[0].device if vals else self._hg_shard_device()
+        flat = torch.stack([v.reshape(()).to(torch.float64) for v in vals] +
+                           [torch.tensor(0.0 if ok else 1.0, dtype=torch.float64, device=dev)])
+        dist.all_reduce(flat, group=None if group is True else group)
+        for v, x in zip(vals, flat[:-1]):
+            v.copy_(x)
+        return bool(flat[-1] == 0)
+
+    def _hg_shard_device(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                return p.device
+        import torch.distributed as dist
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
     def _hg_group_scalars(self, gi, attr, ahead):
         """The rule's scalars ``attr`` (``coefficients`` for the update, with the values now;
@@ -1037,6 +1130,8 @@ class HyperOptimizer(torch.optim.Optimizer):
             if not st or p.grad is None or "step" not in st:
                 return None
             states.append(st)
+        if not states:
+            return None
         step = self._hg_common_step(gi, states, attr)
         if step is None:
             return None
@@ -1069,7 +1164,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         keys = self._hg_stable.get(gi)
         vars = self._hg_vars[gi]
         params = self.param_groups[gi]["params"]
-        if not keys or not names or any(vars[n].scope == "element" for n in names):
+        if not keys or not names or not params or any(vars[n].scope == "element" for n in names):
             return False
         states, gts = [], []
         for p in params:
@@ -1102,12 +1197,32 @@ class HyperOptimizer(torch.optim.Optimizer):
                 add(hv, idx, states[i][_RECORD]["h"][n], val)
         return True
 
-    def _hg_store(self, owners, acc) -> None:
+    def _hg_store(self, owners, acc) -> bool:
         """Store value-space hyper-gradients; give the raw tensors their raw-space gradients;
-        drop all of them for this step if any is non-finite."""
+        drop all of them for this step if any is non-finite. Returns whether the hyper-gradients
+        and the gradients they do not cover were finite (agreed over ``shard_group``)."""
         done = set()
         finite = True
         clip = getattr(self, "_hg_clip", None)
+        if getattr(self, "_hg_shard_group", None) is not None:
+            # partial sums of this rank's shard: every rank holds every group and shared value
+            # (zeros where its shard has no tensor of the group); per-tensor and per-element
+            # values belong to the rank that holds the tensor
+            vals = []
+            for vars in self._hg_vars:
+                for hv in vars.values():
+                    if hv.learned and hv.scope in ("group", "shared"):
+                        key = (id(hv), 0)
+                        if key not in acc:
+                            acc[key] = torch.zeros_like(hv.value[0])
+                            owners.append((hv, 0, hv.value[0].detach().clone()))
+                        if all(v is not acc[key] for v in vals):
+                            vals.append(acc[key])
+            ok = self._hg_agree(self._hg_grads_finite(), vals)
+            if not ok:
+                for k in acc:
+                    acc[k] = acc[k] * float("nan")
+            self._hg_covered = {id(p) for g in self.param_groups for p in g["params"]}
         for hv, idx, snap in owners:
             key = (id(hv), idx)
             if key in done:
@@ -1130,6 +1245,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             self.hyper_steps_skipped += 1
             for hv, idx, _ in owners:
                 hv.raw[idx].grad = None
+        return finite
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -1237,11 +1353,32 @@ def drive(bottom, closure=None):
         lvl._hg_sync()
     for lvl in levels[:-1]:
         lvl._hg_hypergrad()
+    ok = True
+    if bottom._hg_skip_nonfinite:
+        if len(levels) > 1:  # the hyper-gradients covered most gradients (and agreed over shards)
+            ok = bottom._hg_ok and bottom._hg_grads_finite()
+        else:
+            ok = bottom._hg_agree(bottom._hg_grads_finite())
+    if not ok:
+        # a non-finite gradient: the whole step is skipped, as a GradScaler skips it (nothing
+        # changes: parameters, states, hyperparameters, step counts); counted
+        for lvl in levels:
+            lvl._hg_t -= 1
+            for hv in lvl._hg_learned_vars():
+                for r in hv.raw:
+                    r.grad = None
+        bottom.steps_skipped += 1
+        return loss
     for k in range(len(levels) - 1, 0, -1):
         levels[k]._hg_update()
         levels[k - 1]._hg_refresh()
     bottom._hg_update()
     return loss
+
+
+def _all_finite(x: Tensor, state: dict) -> bool:
+    ts = [x] + [v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in ts)
 
 
 def _get(group: dict, key):

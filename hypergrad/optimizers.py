@@ -852,6 +852,7 @@ class Lion(_HO):
 
     hypers = (_lr(), _beta("beta1", ("betas", 0), default_learn=False, hi_open=False),
               _beta("beta2", ("betas", 1), default_learn=False, hi_open=False), _wd())
+    zero_hypergrad_names = ("beta1", "beta2")
 
     def __init__(self, params=None, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, use_triton=False,
                  decoupled_weight_decay=False, **hg):

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from .core import Hyper, HyperOptimizer, HyperVar, _TRANSFORMS, _fmt, drive, hyper_dtype
+from .core import Hyper, HyperOptimizer, HyperVar, _TRANSFORMS, _fmt, _opaque_to_dynamo, drive, hyper_dtype
 
 __all__ = ["wrap", "WrappedOptimizer", "PROPORTIONAL"]
 
@@ -129,8 +129,13 @@ class WrappedOptimizer:
         self._prev: dict[Tensor, Tensor] = {}
         self._lr_used: list[Tensor | None] = []
         self.hyper_steps_skipped = 0
+        self.steps_skipped = 0
         self._hg_t = 0
         self._hg_clip = None
+        self._hg_shard_group = None
+        self._hg_skip_nonfinite = True
+        self._hg_ok = True
+        self._hg_covered: set[int] = set()
         for g in optimizer.param_groups:
             self._add_group(g)
         hyper._hg_bind(self)
@@ -185,6 +190,7 @@ class WrappedOptimizer:
     def __repr__(self):
         return f"hg.wrap({self.optimizer!r}, hyper={type(self._hg_hyper).__name__})"
 
+    @_opaque_to_dynamo
     @torch.no_grad()
     def step(self, closure=None):
         return drive(self, closure)
@@ -245,8 +251,14 @@ class WrappedOptimizer:
         for hv in self._hg_learned_vars():
             hv.refresh()
 
+    # the gradient checks of the engine (a step with a non-finite gradient is skipped)
+    _hg_grads_finite = HyperOptimizer._hg_grads_finite
+    _hg_check_grad = HyperOptimizer._hg_check_grad
+    _hg_agree = HyperOptimizer._hg_agree
+
     def _hg_hypergrad(self):
         owners, acc = [], {}
+        self._hg_covered = covered = set()
         for hv in self._hg_learned_vars():
             hv.grad = [None]
             hv.raw[0].grad = None
@@ -260,6 +272,7 @@ class WrappedOptimizer:
                 prev = self._prev.get(p)
                 if prev is None or p.grad is None:
                     continue
+                covered.add(id(p))
                 d = (p.grad * (p.detach() - prev)).sum(dtype=lr_s.dtype)
                 total = d if total is None else total + d
             if total is None:
@@ -270,7 +283,7 @@ class WrappedOptimizer:
             key = (id(hv), 0)
             acc[key] = gq if key not in acc else acc[key] + gq
             owners.append((hv, 0, lr_s))
-        HyperOptimizer._hg_store(self, owners, acc)
+        self._hg_ok = HyperOptimizer._hg_store(self, owners, acc)
 
     def _hg_update(self):
         self._prev.clear()

@@ -80,6 +80,8 @@ class MADA(_HO):
         dataclasses.replace(_coef("lion_beta2", ("lion_betas", 1), 0.0, 0.9999), default_learn=False),
     )
 
+    zero_hypergrad_names = ("lion_beta1", "lion_beta2")
+
     def __init__(self, params=None, lr=1e-3, beta1=0.9, beta2=0.95, beta3=0.0, c=1.0, rho=1.0,
                  gamma=1.0, eps=1e-8, weight_decay=0.0, lion_betas=None, *, variant="corners",
                  maximize=False, **hg):
