@@ -915,6 +915,40 @@ class HyperOptimizer(torch.optim.Optimizer):
         from . import _compiled
         return _compiled.usable()
 
+    def _hg_steady_keys(self, gi: int):
+        """The state keys of group ``gi`` when every tensor holds the same keys and the rule's
+        update (dry run on meta tensors) returns exactly them: the compiled kernels can run on
+        it. Else None (the eager path runs first and finds out)."""
+        params = [p for p in self.param_groups[gi]["params"] if p not in self._hg_proj]
+        if not params or len(params) != len(self.param_groups[gi]["params"]):
+            return None
+        keys = None
+        for p in params:
+            st = self.state.get(p)
+            if not st:
+                return None
+            k = frozenset(x for x in st if x != _RECORD)
+            if keys is not None and k != keys:
+                return None
+            keys = k
+        kind = self._hg_kind(gi) if self._hg_learn else None
+        opts = self._hg_opts[gi]
+        o = dict(opts, hg_save=True) if kind in ("closed", "restore") else opts
+        p = params[0]
+
+        def meta(x):
+            return torch.empty_like(x, device="meta") if isinstance(x, Tensor) and x.dim() else x
+        st = self.state[p]
+        old = {k: meta(v) for k, v in st.items() if k != _RECORD and not k.startswith("hg_")}
+        h = {n: meta(hv.value[0]) for n, hv in self._hg_vars[gi].items()}
+        try:
+            _, new = self.update(meta(p), torch.empty_like(p, device="meta"), old, h, o)
+        except Exception:  # an operation without a meta kernel: leave it to the eager path
+            return None
+        if set(new) != set(keys) or {k for k in new if not k.startswith("hg_")} != set(old):
+            return None
+        return tuple(sorted(k for k in keys if k != "step"))
+
     def _hg_try(self, fn, *args) -> bool:
         """Run a compiled path; if compilation fails (no C++ compiler, an unsupported op, an
         unexpected input layout), continue on the eager path, which computes the same: with a
@@ -1270,8 +1304,43 @@ class HyperOptimizer(torch.optim.Optimizer):
             "t": self._hg_t,
             "hyper": None if self._hg_hyper is None else self._hg_hyper.state_dict(),
             "type": type(self).__name__,
+            "learn": list(self._hg_learn),
         }
         return sd
+
+    def _hg_check_loadable(self, sd: dict, extra: dict) -> None:
+        """Say what differs between a saved optimizer and this one, before anything is loaded."""
+        name = type(self).__name__
+        learn = extra.get("learn")
+        if learn is not None and list(learn) != list(self._hg_learn):
+            raise ValueError(f"{name}.load_state_dict: the saved optimizer learns {list(learn)}, this one "
+                             f"learns {list(self._hg_learn)}")
+        for gi, (raws, vars) in enumerate(zip(extra["raw"], self._hg_vars)):
+            if set(raws) != set(vars):
+                raise ValueError(f"{name}.load_state_dict: param group {gi} saved hyperparameters "
+                                 f"{sorted(raws)}, this optimizer has {sorted(vars)}")
+            for n, saved in raws.items():
+                hv = vars[n]
+                shapes = [tuple(t.shape) for t in saved]
+                mine = [tuple(t.shape) for t in hv.raw]
+                if shapes != mine:
+                    raise ValueError(f"{name}.load_state_dict: param group {gi}, {n}: saved {len(shapes)} value(s) "
+                                     f"of shape(s) {shapes[:3]}{'...' if len(shapes) > 3 else ''}, this optimizer has "
+                                     f"{len(mine)} of {mine[:3]}{'...' if len(mine) > 3 else ''} (a different scope?)")
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [pid for sg in sd["param_groups"] for pid in sg["params"]]
+        for i, (pid, p) in enumerate(zip(ids, params)):
+            saved = sd["state"].get(pid)
+            if not saved:
+                continue
+            gi = next(k for k, g in enumerate(self.param_groups) if any(q is p for q in g["params"]))
+            expected = self.init_state(torch.empty_like(p, device="meta"), self._hg_opts[gi])
+            for k, v in saved.items():
+                e = expected.get(k)
+                if isinstance(v, Tensor) and isinstance(e, Tensor) and v.shape != e.shape:
+                    raise ValueError(f"{name}.load_state_dict: parameter {i} (shape {tuple(p.shape)}): saved state "
+                                     f"{k!r} has shape {tuple(v.shape)}, expected {tuple(e.shape)}: was it saved "
+                                     f"for another model?")
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._hg_check_bound()
@@ -1295,7 +1364,20 @@ class HyperOptimizer(torch.optim.Optimizer):
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(f"param group {gi}: loaded state dict has {len(sg['params'])} "
                                  f"parameters, optimizer has {len(g['params'])}")
+        self._hg_check_loadable(sd, extra)
         super().load_state_dict(sd)
+        # torch casts every floating-point state entry but "step" to its parameter's dtype: give
+        # the rule's scalars (NAdam's mu_product, ...) their own dtype back (exact: a widening)
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                expected = self.init_state(torch.empty_like(p, device="meta"), self._hg_opts[gi])
+                for k, e in expected.items():
+                    v = st.get(k)
+                    if isinstance(v, Tensor) and isinstance(e, Tensor) and v.dtype != e.dtype:
+                        st[k] = v.to(e.dtype)
         params = [p for g in self.param_groups for p in g["params"]]
         id2p = dict(zip([pid for sg in saved_groups for pid in sg["params"]], params))
         for pid, rec in extra["records"].items():
@@ -1314,6 +1396,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._hg_kinds.clear()
         self._hg_stable.clear()
         self._hg_aligned.clear()
+        for gi in range(len(self.param_groups)):  # a loaded state in its steady form compiles at once
+            self._hg_stable[gi] = self._hg_steady_keys(gi)
         self.hyper_steps_skipped = int(extra.get("hyper_steps_skipped", 0))
         self._hg_t = int(extra.get("t", 0))
         if self._hg_hyper is not None:

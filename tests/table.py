@@ -108,3 +108,16 @@ BY_NAME = {c.name: c for c in CASES}
 
 def all_configs():
     return [(c, i) for c in CASES for i in range(len(c.configs))]
+
+
+def build_stack(name: str, height: int, params, **kw):
+    """The optimizer ``name`` of the table (its fd_kw configuration) at the bottom of a stack of
+    ``height`` levels: an SGD level with momentum (so that it has state), and an SGD on top."""
+    case = BY_NAME[name]
+    hyper = None
+    if height >= 3:
+        hyper = hg.SGD(lr=1e-8)
+    if height >= 2:
+        hyper = hg.SGD(lr=1e-6, momentum=0.5, hyper=hyper)
+    learn = case.learnable if height >= 2 else None
+    return case.ours(params, **case.fd_kw, hyper=hyper, learn=learn, **kw)

@@ -1,0 +1,268 @@
+"""The contract with the PyTorch ecosystem: checkpoints across processes, hooks and closures,
+LR schedulers, AMP, clipping, torch.compile, non-finite values, leaks."""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hypergrad as hg
+from helpers import MLP, batch, loss_at, train
+from parameterized import MADA
+from table import BY_NAME, CASES, build_stack
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+N = 4  # steps before and after the checkpoint
+
+
+def _snapshot(model, opt):
+    """Parameters and every level's hyperparameters, as float64 lists (exact for float64)."""
+    out = {"params": [p.detach().double().flatten().tolist() for p in model.parameters()]}
+    for k, lvl in enumerate(opt.levels):
+        for gi in range(len(lvl.param_groups)):
+            for n, v in lvl.hyperparameters(gi).items():
+                vs = v if isinstance(v, list) else [v]
+                out[f"L{k}.g{gi}.{n}"] = [x.detach().double().flatten().tolist() for x in vs]
+    return out
+
+
+RUNS = [(c.name, h, {}) for c in CASES for h in (1, 2, 3)] + [
+    ("Adam", 2, {"compile": True}),
+    ("MADA", 3, {"variant": "reference"}),
+    ("Adam", 2, {"scope": "tensor", "reparam": "auto"}),
+]
+
+_CHILD = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from helpers import MLP, train
+from table import build_stack
+from test_ecosystem import RUNS, N, _snapshot
+out = {}
+for i, (name, height, kw) in enumerate(RUNS):
+    model = MLP(seed=7)   # other initial values: everything comes from the checkpoint
+    opt = build_stack(name, height, model.parameters(), **kw)
+    ck = torch.load(f"{sys.argv[2]}/{i}.pt", weights_only=False)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    train(model, opt, N, start=N)
+    out[i] = _snapshot(model, opt)
+json.dump(out, open(f"{sys.argv[2]}/child.json", "w"))
+"""
+
+
+def test_checkpoint_in_a_fresh_process_continues_bit_for_bit(tmp_path):
+    """Train 2N steps; or N steps, save to disk, load in a fresh process, N more steps: the same
+    parameters and hyperparameters, bit for bit, for every optimizer and stacks of 1-3 levels."""
+    expected = {}
+    for i, (name, height, kw) in enumerate(RUNS):
+        model = MLP()
+        opt = build_stack(name, height, model.parameters(), **kw)
+        train(model, opt, N)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / f"{i}.pt")
+        train(model, opt, N, start=N)
+        expected[i] = _snapshot(model, opt)
+    subprocess.run([sys.executable, "-c", _CHILD, HERE, str(tmp_path)], check=True, cwd=HERE)
+    got = json.load(open(tmp_path / "child.json"))
+    for i, (name, height, kw) in enumerate(RUNS):
+        assert got[str(i)] == expected[i], f"{name}, {height} levels, {kw}"
+
+
+MISMATCHES = [
+    (lambda m: hg.Adam(m.parameters(), hyper=hg.SGD(lr=1e-3), learn=["lr"]), "learns \\['lr', 'beta1', 'beta2'\\]"),
+    (lambda m: hg.Adam(m.parameters(), hyper=hg.SGD(lr=1e-3), scope="tensor"), "a different scope"),
+    (lambda m: hg.SGD(m.parameters(), lr=0.1, hyper=hg.SGD(lr=1e-3)), "saved from Adam"),
+    (lambda m: hg.Adam(m.parameters()), "the saved stack has hyper level"),
+    (lambda m: hg.Adam(list(m.parameters())[:2], hyper=hg.SGD(lr=1e-3)), "has 4 parameters, optimizer has 2"),
+    (lambda m: hg.Adam([{"params": [m.w1, m.b1]}, {"params": [m.w2, m.b2]}], hyper=hg.SGD(lr=1e-3)),
+     "1 param groups, optimizer has 2"),
+    (lambda m: hg.Adam(MLP(d_in=7).parameters(), hyper=hg.SGD(lr=1e-3)), "saved state 'exp_avg' has shape"),
+]
+
+
+@pytest.mark.parametrize("make,msg", MISMATCHES, ids=[m for _, m in MISMATCHES])
+def test_mismatched_state_dict_says_what_differs(make, msg):
+    model = MLP()
+    opt = hg.Adam(model.parameters(), hyper=hg.SGD(lr=1e-3))
+    train(model, opt, 2)
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match=msg):
+        make(MLP()).load_state_dict(sd)
+
+
+def test_loading_a_torch_optim_state_dict_is_refused():
+    model = MLP()
+    ref = torch.optim.Adam(model.parameters())
+    train(model, ref, 2)
+    with pytest.raises(ValueError, match="not a hypergrad state dict"):
+        hg.Adam(model.parameters()).load_state_dict(ref.state_dict())
+
+
+# ------------------------------------------------------------------------- torch contract
+
+def test_step_with_closure_returns_the_loss_and_steps_as_without():
+    def run(with_closure):
+        model = MLP()
+        opt = hg.Adam(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=1e-4))
+        losses = []
+        for t in range(1, 5):
+            def closure():
+                opt.zero_grad()
+                loss = loss_at(model, t)
+                loss.backward()
+                return loss
+            if with_closure:
+                losses.append(opt.step(closure).item())
+            else:
+                losses.append(closure().item())
+                opt.step()
+        return losses, [p.detach().clone() for p in model.parameters()]
+    (l1, p1), (l2, p2) = run(True), run(False)
+    assert l1 == l2 and all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+def test_step_and_state_dict_hooks_are_called():
+    model = MLP()
+    opt = hg.Adam(model.parameters(), hyper=hg.SGD(lr=1e-4))
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o is opt)))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o is opt)))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append(("sd", "hypergrad" in sd or "state" in sd)))
+    train(model, opt, 2)
+    opt.state_dict()
+    assert calls == [("pre", True), ("post", True)] * 2 + [("sd", True)]
+
+
+def test_clip_grad_norm_before_step():
+    model = MLP()
+    opt = hg.Adam(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=1e-4))
+    for t in range(1, 6):
+        opt.zero_grad()
+        loss_at(model, t).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.hypergradients()["lr"] is not None
+
+
+def test_torch_compile_of_the_model_and_of_the_training_step():
+    """The step is opaque to dynamo (it runs its own kernels): a compiled training function
+    computes what the eager one computes."""
+    def run(compiled):
+        model = MLP(dtype=torch.float32)
+        opt = hg.Adam(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=1e-4))
+
+        def step(x, y):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+            return loss
+        fn = torch.compile(step) if compiled else step
+        for t in range(1, 6):
+            fn(*batch(t, dtype=torch.float32))
+        return model, opt
+    (m1, o1), (m2, o2) = run(False), run(True)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for n, v in o1.hyperparameters().items():
+        torch.testing.assert_close(o2.hyperparameters()[n], v, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------- non-finite values
+
+def _all_state(opt):
+    out = []
+    for lvl in opt.levels:
+        for st in lvl.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    out.append(v.detach().clone())
+        for gi in range(len(lvl.param_groups)):
+            for v in lvl.hyperparameters(gi).values():
+                out.extend(x.detach().clone() for x in (v if isinstance(v, list) else [v]))
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("height", [1, 2])
+def test_non_finite_gradients_skip_the_whole_step(case, height):
+    """Steps with a NaN or an infinite gradient (the first step, where no hyper-gradient covers
+    the gradients, and later ones) change nothing, and training then goes on as if they had not
+    happened."""
+    def run(bad_steps):
+        model = MLP()
+        opt = build_stack(case.name, height, model.parameters())
+        t = 0
+        for k in range(8 + len(bad_steps)):
+            opt.zero_grad()
+            if k in bad_steps:
+                loss_at(model, 100 + k).backward()
+                model.w1.grad[0, 1] = float("nan") if k % 2 else float("inf")
+                before = _all_state(opt)
+                ps = [p.detach().clone() for p in model.parameters()]
+                opt.step()
+                assert all(torch.equal(a, b) for a, b in zip(ps, model.parameters()))
+                assert all(torch.equal(a, b) for a, b in zip(before, _all_state(opt)))
+                continue
+            t += 1
+            loss_at(model, t).backward()
+            opt.step()
+        return model, opt
+    (m1, o1), (m2, o2) = run(()), run((0, 4, 5))
+    assert o2.steps_skipped == 3 and o1.steps_skipped == 0
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    for x, y in zip(_all_state(o1), _all_state(o2)):
+        assert torch.equal(x, y)
+
+
+def test_skip_nonfinite_false_lets_values_through_as_torch():
+    model = MLP()
+    opt = hg.Adam(model.parameters(), skip_nonfinite=False)
+    loss_at(model, 1).backward()
+    model.w1.grad[0, 0] = float("nan")
+    opt.step()
+    assert torch.isnan(model.w1).any() and opt.steps_skipped == 0
+
+
+def test_a_hyper_step_that_would_overflow_is_not_taken():
+    model = MLP(dtype=torch.float32)
+    opt = hg.Adam(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=3e38))
+    train(model, opt, 6)
+    hv = opt._hg_vars[0]
+    assert opt.hyper.steps_skipped > 0
+    for n, v in opt.hyperparameters().items():
+        assert torch.isfinite(v) and hv[n].lo <= float(v) <= hv[n].hi, n
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------- leaks
+
+def test_ten_thousand_steps_of_a_three_level_stack_keep_memory_flat():
+    model = MLP(d_in=3, d_hidden=4, d_out=2, dtype=torch.float32)
+    opt = hg.Adam(model.parameters(), lr=1e-3, hyper=hg.Adam(lr=1e-5, hyper=hg.SGD(lr=1e-8)))
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+
+    def steps(n):
+        for _ in range(n):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+
+    def tensors():
+        gc.collect()
+        return sum(torch.is_tensor(o) for o in gc.get_objects())
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    steps(200)
+    n0, r0 = tensors(), rss()
+    steps(10_000)
+    assert tensors() == n0
+    assert rss() - r0 < 8 * 2**20, "resident memory grew by more than 8 MiB over 10,000 steps"
