@@ -25,6 +25,8 @@ import warnings
 
 import torch
 
+from .core import _compute
+
 __all__ = ["GroupKernels", "usable", "mark_unusable"]
 
 # Inductor's defaults store intermediates that are read often or are large expressions in
@@ -150,12 +152,13 @@ class GroupKernels:
                     c = rule.coefficients(dict(zip(names, rows[0])), svals[0][istep] + 1, opts)
                     out = _tensors(c, a)
                 for i in range(n):
-                    g = -gs[i] if neg else gs[i]
+                    g = _compute(-gs[i] if neg else gs[i])
                     s = dict(zip(rkeys, svals[i]))
                     if split:
-                        new_p, new = rule.apply(ps[i], g, s, c, opts)
+                        new_p, new = rule.apply(_compute(ps[i]), g, s, c, opts)
                     else:
-                        new_p, new = rule.update(ps[i], g, s, dict(zip(names, rows[i if len(rows) > 1 else 0])), opts)
+                        new_p, new = rule.update(_compute(ps[i]), g, s, dict(zip(names, rows[i if len(rows) > 1 else 0])),
+                                                 opts)
                     ps[i].copy_(new_p)
                     for k, j in plan:
                         svals[i][j].copy_(new[k])
@@ -170,7 +173,8 @@ class GroupKernels:
         rule = self.rule
         s0 = {k: s[k] for k in s if k != "hg_record"}
         h0 = dict(zip(names, hrow))
-        g0 = -g if opts.get("maximize") else g
+        g0 = _compute(-g if opts.get("maximize") else g)
+        p = _compute(p)
         if split:
             _, new = rule.apply(p, g0, s0, rule.coefficients(h0, s0["step"] + 1, opts), opts)
         else:
@@ -213,7 +217,8 @@ class GroupKernels:
                 for _ in range(len(hvals)):
                     rows.append(dict(zip(names, a[off:off + len(names)])))
                     off += len(names)
-                gts_ = [-x if neg else x for x in gs]
+                gts_ = [_compute(-x if neg else x) for x in gs]
+                ps = [_compute(x) for x in ps]
                 if kind == "closed":
                     out, extra = _closed(rule, gts_, ps, svals, rows, learned, opts, dtypes,
                                          a[off] if split else None)

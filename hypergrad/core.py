@@ -45,6 +45,7 @@ __all__ = [
     "REPARAMS",
     "hyper_dtype",
     "AUTO_COMPILE_NUMEL",
+    "compute_dtype",
 ]
 
 SCOPES = ("group", "shared", "tensor", "element")
@@ -55,6 +56,19 @@ REPARAMS = (None, "log", "logit")
 # Keys of the per-parameter state that belong to the engine, not to the rule.
 _RECORD = "hg_record"
 _UNSET = object()
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an optimizer computes and keeps its state in for parameters of ``dtype``: theirs,
+    never below float32 (half-precision second moments underflow, and eps=1e-8 rounds to 0)."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _compute(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in _HALF else x
 
 
 def _shares(a: Tensor, b: Tensor) -> bool:
@@ -773,7 +787,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             hv.refresh()
 
     def _hg_grad(self, p: Tensor, opts: dict) -> Tensor:
-        g = self._hg_check_grad(p.grad)
+        g = _compute(self._hg_check_grad(p.grad))
         return -g if opts.get("maximize") else g
 
     def _hg_check_grad(self, g: Tensor) -> Tensor:
@@ -846,15 +860,16 @@ class HyperOptimizer(torch.optim.Optimizer):
                 self._hg_aligned[gi] = False
                 continue
             g = self._hg_grad(p, opts)
+            pc = _compute(p)  # a float32 copy of a half-precision parameter
             old = {k: v for k, v in st.items() if k != _RECORD and not k.startswith("hg_")}
             if not old:
-                old = self.init_state(p, opts)
+                old = self.init_state(pc, opts)
                 st.update(old)
             if coef is not None:
-                new_p, new_state = self.apply(p, g, old, coef, o)
+                new_p, new_state = self.apply(pc, g, old, coef, o)
             else:
                 h = {n: hv.value[0 if len(hv.value) == 1 else i] for n, hv in vars.items()}
-                new_p, new_state = self.update(p, g, old, h, o)
+                new_p, new_state = self.update(pc, g, old, h, o)
             b = self._hg_proj.get(p)
             mask = None
             if b is not None:
@@ -873,7 +888,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                     st[_RECORD] = {
                         "kind": kind,
                         # the old value only matters where the rule reads it or a projection clips
-                        "p": p.clone() if b is not None or self.uses_param(opts) else None,
+                        "p": (pc.clone() if pc is p else pc) if b is not None or self.uses_param(opts) else None,
                         "g": g.clone(),
                         "state": old,
                         "h": hs,
@@ -941,8 +956,9 @@ class HyperOptimizer(torch.optim.Optimizer):
         st = self.state[p]
         old = {k: meta(v) for k, v in st.items() if k != _RECORD and not k.startswith("hg_")}
         h = {n: meta(hv.value[0]) for n, hv in self._hg_vars[gi].items()}
+        pm = torch.empty_like(p, device="meta", dtype=compute_dtype(p.dtype))
         try:
-            _, new = self.update(meta(p), torch.empty_like(p, device="meta"), old, h, o)
+            _, new = self.update(pm, torch.empty_like(pm), old, h, o)
         except Exception:  # an operation without a meta kernel: leave it to the eager path
             return None
         if set(new) != set(keys) or {k for k in new if not k.startswith("hg_")} != set(old):
@@ -1072,10 +1088,11 @@ class HyperOptimizer(torch.optim.Optimizer):
                     covered.add(id(p))
                 gt = self._hg_grad(p, opts)
                 if rec["kind"] == "closed":
+                    pc = _compute(p)
                     if hcoef is not None:
-                        terms = self.hyper_apply(gt, p, st, hcoef, opts, names)
+                        terms = self.hyper_apply(gt, pc, st, hcoef, opts, names)
                     else:
-                        terms = self.hyper_terms(gt, p, st, rec["h"], opts, names)
+                        terms = self.hyper_terms(gt, pc, st, rec["h"], opts, names)
                     vals = reduce_terms(terms, names, [vars[n].value[0].dtype for n in names],
                                         [vars[n].scope == "element" for n in names], p, rec["mask"])
                     for n, val in zip(names, vals):
@@ -1097,9 +1114,9 @@ class HyperOptimizer(torch.optim.Optimizer):
                         else:
                             h[n] = snap
                     if rec["kind"] == "restore":
-                        p0, g0, s0 = self.restore(p, st, rec["h"], opts)
+                        p0, g0, s0 = self.restore(_compute(p), st, rec["h"], opts)
                     else:
-                        p0, g0, s0 = (p if rec["p"] is None else rec["p"]), rec["g"], rec["state"]
+                        p0, g0, s0 = (_compute(p) if rec["p"] is None else rec["p"]), rec["g"], rec["state"]
                     new_p, _ = self.update(p0, g0, s0, h, opts)
                     b = self._hg_proj.get(p)
                     if b is not None:
@@ -1308,6 +1325,17 @@ class HyperOptimizer(torch.optim.Optimizer):
         }
         return sd
 
+    @staticmethod
+    def _hg_place(param: Tensor, value: Tensor) -> Tensor:
+        """Where ``load_state_dict`` puts a saved state tensor: state in the compute dtype (float32
+        for half-precision parameters) on the parameter's device; scalars (``step``, NAdam's
+        ``mu_product``) in their own dtype, where they were (the CPU, as torch.optim keeps them)."""
+        if value.dim() == 0:
+            return value if value.device.type == "cpu" else value.to(device=param.device)
+        if not value.is_floating_point():
+            return value.to(device=param.device)
+        return value.to(dtype=compute_dtype(param.dtype), device=param.device)
+
     def _hg_check_loadable(self, sd: dict, extra: dict) -> None:
         """Say what differs between a saved optimizer and this one, before anything is loaded."""
         name = type(self).__name__
@@ -1334,7 +1362,8 @@ class HyperOptimizer(torch.optim.Optimizer):
             if not saved:
                 continue
             gi = next(k for k, g in enumerate(self.param_groups) if any(q is p for q in g["params"]))
-            expected = self.init_state(torch.empty_like(p, device="meta"), self._hg_opts[gi])
+            expected = self.init_state(torch.empty_like(p, device="meta", dtype=compute_dtype(p.dtype)),
+                                       self._hg_opts[gi])
             for k, v in saved.items():
                 e = expected.get(k)
                 if isinstance(v, Tensor) and isinstance(e, Tensor) and v.shape != e.shape:
@@ -1365,21 +1394,14 @@ class HyperOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"param group {gi}: loaded state dict has {len(sg['params'])} "
                                  f"parameters, optimizer has {len(g['params'])}")
         self._hg_check_loadable(sd, extra)
-        super().load_state_dict(sd)
-        # torch casts every floating-point state entry but "step" to its parameter's dtype: give
-        # the rule's scalars (NAdam's mu_product, ...) their own dtype back (exact: a widening)
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                st = self.state.get(p)
-                if not st:
-                    continue
-                expected = self.init_state(torch.empty_like(p, device="meta"), self._hg_opts[gi])
-                for k, e in expected.items():
-                    v = st.get(k)
-                    if isinstance(v, Tensor) and isinstance(e, Tensor) and v.dtype != e.dtype:
-                        st[k] = v.to(e.dtype)
+        # torch would cast every floating-point state entry but "step" to the parameter's dtype
+        # (lossy for the float32 state of half-precision parameters): place the state here
+        super().load_state_dict(dict(sd, state={}))
         params = [p for g in self.param_groups for p in g["params"]]
         id2p = dict(zip([pid for sg in saved_groups for pid in sg["params"]], params))
+        for pid, st in sd["state"].items():
+            p = id2p[pid]
+            self.state[p] = {k: self._hg_place(p, v) if isinstance(v, Tensor) else v for k, v in st.items()}
         for pid, rec in extra["records"].items():
             p = id2p[pid]
             self.state[p][_RECORD] = _to_device(rec, p.device)

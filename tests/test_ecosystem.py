@@ -266,3 +266,178 @@ def test_ten_thousand_steps_of_a_three_level_stack_keep_memory_flat():
     steps(10_000)
     assert tensors() == n0
     assert rss() - r0 < 8 * 2**20, "resident memory grew by more than 8 MiB over 10,000 steps"
+
+
+# ------------------------------------------------------------------------- LR schedulers
+
+from torch.optim import lr_scheduler as L  # noqa: E402
+
+CHAINABLE = {  # compute the new lr from the current one: they scale the learned lr
+    "StepLR": (lambda o: L.StepLR(o, step_size=2, gamma=0.5), lambda t: 0.5 if t % 2 == 0 else 1.0),
+    "ExponentialLR": (lambda o: L.ExponentialLR(o, gamma=0.9), lambda t: 0.9),
+    "MultiplicativeLR": (lambda o: L.MultiplicativeLR(o, lambda t: 0.95), lambda t: 0.95),
+    "CosineAnnealingLR": (lambda o: L.CosineAnnealingLR(o, T_max=10), None),
+    "LinearLR": (lambda o: L.LinearLR(o, start_factor=0.25, total_iters=4), None),
+    "ReduceLROnPlateau": (lambda o: L.ReduceLROnPlateau(o, patience=0, factor=0.5), None),
+}
+ABSOLUTE = {  # compute the lr from their initial values: scale_schedule makes them scale it
+    "LambdaLR warm-up": lambda o: L.LambdaLR(o, lambda t: min(1.0, (t + 1) / 4)),
+    "OneCycleLR": lambda o: L.OneCycleLR(o, max_lr=0.05, total_steps=40, cycle_momentum=False),
+    "CyclicLR": lambda o: L.CyclicLR(o, 0.001, 0.01, step_size_up=3, cycle_momentum=False),
+    "CosineAnnealingWarmRestarts": lambda o: L.CosineAnnealingWarmRestarts(o, T_0=3),
+}
+MIXED = {  # chainable parts that restart from their initial values: scale_schedule works for any
+    "SequentialLR warm-up + cosine": lambda o: L.SequentialLR(
+        o, [L.LinearLR(o, 0.1, total_iters=3), L.CosineAnnealingLR(o, 10)], milestones=[3]),
+    "StepLR (chainable)": lambda o: L.StepLR(o, step_size=2, gamma=0.5),
+}
+
+
+def _sched_step(s):
+    s.step(1.0) if isinstance(s, L.ReduceLROnPlateau) or getattr(s, "scheduler", None).__class__ is \
+        L.ReduceLROnPlateau else s.step()
+
+
+@pytest.mark.parametrize("name", list(CHAINABLE))
+def test_chainable_schedulers_scale_the_learned_lr(name):
+    make, factor = CHAINABLE[name]
+    model = MLP()
+    opt = hg.Adam(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=1e-3))
+    sched = make(opt)
+    lr = opt.hyperparameters()["lr"]
+    for t in range(1, 9):
+        train(model, opt, 1, start=t - 1)
+        learned = float(lr)             # after this step's hyper-step
+        _sched_step(sched)
+        assert opt.param_groups[0]["lr"] is lr, "the learned tensor stays in the param group"
+        if factor is not None:
+            assert float(lr) == pytest.approx(learned * factor(t), rel=1e-12)
+    assert opt.hypergradients()["lr"] is not None and opt.steps_skipped == 0
+
+
+@pytest.mark.parametrize("name", list(ABSOLUTE) + list(MIXED))
+def test_scale_schedule_scales_the_learned_lr(name):
+    make = {**ABSOLUTE, **MIXED}[name]
+
+    def run(hyper_lr, scaled):
+        model = MLP()
+        opt = hg.Adam(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=hyper_lr))
+        sched = hg.scale_schedule(make(opt)) if scaled else make(opt)
+        lrs, ratios = [], []
+        for t in range(1, 13):
+            train(model, opt, 1, start=t - 1)
+            before = float(opt.param_groups[0]["lr"]) / sched._shadow[0] if scaled else None
+            sched.step()
+            lrs.append(float(opt.param_groups[0]["lr"]))
+            if scaled and sched._shadow[0] > 0:   # the multiplier survives the scheduler's step
+                ratios.append((before, lrs[-1] / sched._shadow[0]))
+        return lrs, ratios
+    plain, _ = run(0.0, False)
+    scaled0, _ = run(0.0, True)
+    assert scaled0 == pytest.approx(plain, rel=1e-12), "without learning: exactly the schedule"
+    learned, ratios = run(1e-3, True)
+    if name in ABSOLUTE:
+        unscaled, _ = run(1e-3, False)
+        assert unscaled == pytest.approx(plain, rel=1e-12), "an absolute schedule alone overwrites the learned lr"
+    assert learned != pytest.approx(plain, rel=1e-6), "with scale_schedule, learning changes the lr"
+    for a, b in ratios:
+        assert b == pytest.approx(a, rel=1e-12)
+
+
+def test_scale_schedule_state_dict_round_trip():
+    model = MLP()
+    opt = hg.Adam(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=1e-3))
+    sched = hg.scale_schedule(L.LambdaLR(opt, lambda t: 0.5 ** t))
+    for t in range(1, 4):
+        train(model, opt, 1, start=t - 1)
+        sched.step()
+    sd = sched.state_dict()
+    model2 = MLP()
+    opt2 = hg.Adam(model2.parameters(), lr=1e-2, hyper=hg.SGD(lr=1e-3))
+    sched2 = hg.scale_schedule(L.LambdaLR(opt2, lambda t: 0.5 ** t))
+    sched2.load_state_dict(sd)
+    assert sched2._mult == sched._mult and sched2._shadow == sched._shadow
+    assert sched2.last_epoch == sched.last_epoch
+
+
+def test_a_schedule_on_a_hyperparameter_that_is_not_learned():
+    """The MADA reference setting: a cosine schedule on lr while the coefficients are learned."""
+    model = MLP()
+    opt = MADA(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=1e-3))
+    sched = L.CosineAnnealingLR(opt, T_max=8)
+    expected = [1e-2 * (1 + torch.cos(torch.tensor(torch.pi * t / 8)).item()) / 2 for t in range(1, 9)]
+    for t in range(1, 9):
+        train(model, opt, 1, start=t - 1)
+        sched.step()
+        assert float(opt.param_groups[0]["lr"]) == pytest.approx(expected[t - 1], rel=1e-6)
+    assert float(opt.hyperparameters()["beta1"]) != 0.9
+
+
+# ------------------------------------------------------------------------- AMP
+
+def test_grad_scaler_skipped_step_changes_nothing():
+    model = MLP(dtype=torch.float32)
+    opt = hg.Adam(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=1e-4, hyper=hg.SGD(lr=1e-6)))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for t in range(1, 8):
+        opt.zero_grad()
+        scaler.scale(loss_at(model, t)).backward()
+        if t == 5:
+            model.w2.grad[0, 0] = float("inf")
+            before = _all_state(opt)
+            ps = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        if t == 5:
+            assert all(torch.equal(a, b) for a, b in zip(ps, model.parameters()))
+            assert all(torch.equal(a, b) for a, b in zip(before, _all_state(opt)))
+            assert scaler.get_scale() == 2.0 ** 7
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.steps_skipped == 0, "the scaler skipped it: the optimizer never saw the step"
+
+
+def test_grad_scaler_steps_equal_unscaled_steps():
+    """With a power-of-two scale, unscaling is exact: the same run as without a scaler."""
+    def run(scaled):
+        model = MLP(dtype=torch.float32)
+        opt = hg.Adam(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=1e-4))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=scaled)
+        for t in range(1, 6):
+            opt.zero_grad()
+            scaler.scale(loss_at(model, t)).backward()
+            scaler.step(opt)
+            scaler.update()
+        return model, opt
+    (m1, o1), (m2, o2) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(o1.hyperparameters().values(), o2.hyperparameters().values()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["Adam", "SGD", "MADA", "Lion"])
+def test_half_precision_parameters_with_float32_hyperparameters(dtype, name):
+    model = MLP(dtype=dtype)
+    opt = build_stack(name, 2, model.parameters())
+    for t in range(1, 6):
+        opt.zero_grad()
+        x, y = batch(t, dtype=dtype)
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
+    for n, v in opt.hyperparameters().items():
+        assert v.dtype == torch.float32 and torch.isfinite(v), n
+    assert opt.hypergradients()[opt.learned[0]] is not None
+
+
+def test_autocast_forward_with_float32_parameters():
+    model = MLP(dtype=torch.float32)
+    opt = hg.AdamW(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=1e-4))
+    for t in range(1, 5):
+        opt.zero_grad()
+        x, y = batch(t, dtype=torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        ((out.float() - y) ** 2).mean().backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(opt.hypergradients()["lr"])
