@@ -289,6 +289,10 @@ def main(argv=None):
         print("\n" + common.summary(log.rows, opt, table))
         print(f"\nwrote {log.path}" + "".join(f", {p}" for p in plots))
     if world > 1:
+        # DDP's reducer holds the process group: freed after it, at exit, it can deadlock (a gloo
+        # thread waits for the GIL while the main thread joins it); release it first
+        dist.barrier()
+        model = None  # noqa: F841
         dist.destroy_process_group()
     return log.rows
 
