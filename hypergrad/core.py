@@ -513,6 +513,15 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------- hyperparameter tensors
     def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        seen = {}
+        for i, p in enumerate(params):
+            if id(p) in seen:  # torch only warns; it would be stepped twice with one state
+                raise ValueError(f"param group {len(getattr(self, 'param_groups', []))}: parameters {seen[id(p)]} "
+                                 f"and {i} are the same tensor (duplicate parameters)")
+            seen[id(p)] = i
+        param_group = dict(param_group, params=params)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import hypergrad as hg
+from parameterized import MADA
 from helpers import MLP, batch, loss_at, train
 from table import CASES
 
@@ -275,14 +276,37 @@ BAD = [
     (lambda p: hg.Adan(p, max_grad_norm=1.0), "max_grad_norm is not supported"),
     (lambda p: hg.Adafactor(p, d=0.5), r"Invalid d = 0.5: must be in \[1, inf\]"),
     (lambda p: hg.Adam(p, fused=True), "does not support fused=True"),
+    (lambda p: hg.Adam(p, hyper=hg.SGD(lr=1e-3, hyper=hg.SGD(lr=-1.0))), "Invalid lr = -1"),
+    (lambda p: hg.Adam(p, hyper=hg.SGD(lr=1e-3, per_name={"gamma": 1e-3})),
+     "per_name: 'gamma' is not a hyperparameter learned by the level below"),
+    (lambda p: hg.Adam([p[0], p[1], p[0]]), "parameters 0 and 2 are the same tensor"),
+    (lambda p: hg.Adam([{"params": p[:2]}, {"params": p[1:]}]), "more than one parameter group"),
+    (lambda p: hg.Adam([p[0], torch.nn.Parameter(torch.zeros(3, device="meta"))], hyper=hg.SGD(lr=1e-3)),
+     "parameters on several devices"),
+    (lambda p: hg.Adam([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))]), "complex parameters"),
+    (lambda p: hg.Adam(p, betas=(0.9,)), "betas must be a pair"),
+    (lambda p: hg.Adan(p, betas=(0.9, 0.9)), "betas must be \(beta1, beta2, beta3\)"),
+    (lambda p: hg.Adam(p, hyper=hg.SGD(lr=1e-3), hyper_warmup=-1), "hyper_warmup must be a non-negative integer"),
+    (lambda p: hg.Adam(p, hyper=hg.SGD(lr=1e-3), hypergrad_clip=-1.0), "hypergrad_clip must be a positive"),
+    (lambda p: hg.Adam(p, hyper=hg.SGD(lr=1e-3), backend="fast"), "backend must be one of"),
+    (lambda p: hg.Adam(p, compile="yes"), "compile must be True, False or 'auto'"),
+    (lambda p: hg.Adam(p, hyper=hg.SGD(lr=1e-3), shard_group=True), "torch.distributed is not initialized"),
+    (lambda p: hg.Adam(p).hyperparameters(7), "param group 7 out of range"),
+    (lambda p: hg.wrap(torch.optim.LBFGS(p), hyper=hg.SGD(lr=1e-3)), "cannot learn the lr of torch.optim.LBFGS"),
+    (lambda p: hg.wrap(torch.optim.Adam(p), hyper=hg.SGD(p, lr=1e-3)), "already in use|without params"),
+    (lambda p: MADA(p, beta2=0.3, hyper=hg.SGD(lr=1e-3)), "outside the projection bounds \[0.501, 0.99\]"),
 ]
 
 
 @pytest.mark.parametrize("make,msg", BAD, ids=[m for _, m in BAD])
 def test_bad_input_is_refused_clearly(make, msg):
     model = MLP()
-    with pytest.raises((ValueError, TypeError), match=msg):
+    with pytest.raises((ValueError, TypeError, RuntimeError, IndexError), match=msg):
         make(list(model.parameters()))
+
+
+def test_the_bad_input_table_is_long():
+    assert len(BAD) >= 30
 
 
 def test_hyper_level_used_twice_is_refused():
