@@ -716,7 +716,10 @@ class HyperOptimizer(torch.optim.Optimizer):
             for r in hv.raw:
                 if any(r is x for x in self._hg_proj):
                     continue
-                self._hg_proj[r] = (hv.lo_raw, hv.hi_raw)
+                hi = hv.hi_raw
+                if hv.transform.name == "log":  # exp(z) must stay finite in the value's dtype
+                    hi = min(hi, math.log(torch.finfo(r.dtype).max) - 1.0)
+                self._hg_proj[r] = (hv.lo_raw, hi)
                 by_name.setdefault(hv.spec.name, []).append(r)
         groups, rest, rest_names = [], [], []
         for name, raws in by_name.items():
@@ -1470,8 +1473,14 @@ def drive(bottom, closure=None):
         lvl._hg_hypergrad()
     ok = True
     if bottom._hg_skip_nonfinite:
-        if len(levels) > 1:  # the hyper-gradients covered most gradients (and agreed over shards)
-            ok = bottom._hg_ok and bottom._hg_grads_finite()
+        if len(levels) > 1 and bottom._hg_ok:
+            # finite hyper-gradients: the gradients they cover are finite (agreed over shards)
+            ok = bottom._hg_grads_finite()
+        elif len(levels) > 1:
+            # non-finite hyper-gradients (their step is already dropped and counted): from a
+            # non-finite gradient, or an overflow of finite ones; only the first skips the step
+            bottom._hg_covered = set()
+            ok = bottom._hg_agree(bottom._hg_grads_finite())
         else:
             ok = bottom._hg_agree(bottom._hg_grads_finite())
     if not ok:

@@ -285,7 +285,7 @@ BAD = [
      "parameters on several devices"),
     (lambda p: hg.Adam([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))]), "complex parameters"),
     (lambda p: hg.Adam(p, betas=(0.9,)), "betas must be a pair"),
-    (lambda p: hg.Adan(p, betas=(0.9, 0.9)), "betas must be \(beta1, beta2, beta3\)"),
+    (lambda p: hg.Adan(p, betas=(0.9, 0.9)), r"betas must be \(beta1, beta2, beta3\)"),
     (lambda p: hg.Adam(p, hyper=hg.SGD(lr=1e-3), hyper_warmup=-1), "hyper_warmup must be a non-negative integer"),
     (lambda p: hg.Adam(p, hyper=hg.SGD(lr=1e-3), hypergrad_clip=-1.0), "hypergrad_clip must be a positive"),
     (lambda p: hg.Adam(p, hyper=hg.SGD(lr=1e-3), backend="fast"), "backend must be one of"),
@@ -294,7 +294,7 @@ BAD = [
     (lambda p: hg.Adam(p).hyperparameters(7), "param group 7 out of range"),
     (lambda p: hg.wrap(torch.optim.LBFGS(p), hyper=hg.SGD(lr=1e-3)), "cannot learn the lr of torch.optim.LBFGS"),
     (lambda p: hg.wrap(torch.optim.Adam(p), hyper=hg.SGD(p, lr=1e-3)), "already in use|without params"),
-    (lambda p: MADA(p, beta2=0.3, hyper=hg.SGD(lr=1e-3)), "outside the projection bounds \[0.501, 0.99\]"),
+    (lambda p: MADA(p, beta2=0.3, hyper=hg.SGD(lr=1e-3)), r"outside the projection bounds \[0.501, 0.99\]"),
 ]
 
 
@@ -347,6 +347,21 @@ def test_non_finite_hypergradient_skips_the_hyper_step():
     assert opt.hyper_steps_skipped == 1
     for k, v in opt.hyperparameters().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_overflowing_hypergradient_of_finite_gradients_skips_only_the_hyper_step():
+    """Finite float32 gradients whose dot product overflows: the hyper-step is dropped (and
+    counted), the parameter step is taken with the hyperparameters unchanged."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = hg.SGD([p], lr=1e-30, hyper=hg.SGD(lr=1e-30))
+    for t, scale in enumerate([1.0, 1e20, 1e20], start=1):  # <g_3, g_2> = 4e40 > float32 max
+        p.grad = torch.full((4,), scale)
+        before, lr = p.detach().clone(), opt.hyperparameters()["lr"].clone()
+        opt.step()
+    assert opt.hyper_steps_skipped == 1 and opt.steps_skipped == 0
+    assert torch.equal(opt.hyperparameters()["lr"], lr)
+    assert torch.isfinite(p).all() and not torch.equal(p, before)
+    torch.testing.assert_close(p.detach(), before - lr * 1e20)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
