@@ -39,6 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import hypergrad as hg
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
@@ -221,7 +223,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
-    log = common.JsonlLog(os.path.join(args.out, "log.jsonl"))
+    # every level's hyperparameters and hyper-gradients after each step (level 1: its first group)
+    log = hg.Recorder(opt, os.path.join(args.out, "log.jsonl"), groups="first")
     print(f"{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
           f"{len(ytr)} training / {len(yte)} test images, optimizer {args.optimizer} "
           f"({len(getattr(opt, 'levels', [opt]))} level(s)) on {device}")
@@ -237,13 +240,13 @@ def main(argv=None):
             loss = F.cross_entropy(out.float(), ytr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            log.log(epoch=epoch, loss=loss)  # joins the row that the step writes
             opt.step()
-            step, train_loss = step + 1, loss.item()
-            log.log(step=step, epoch=epoch, loss=train_loss, **common.hyperparameters(opt))
+            step, train_loss = step + 1, log.rows[-1]["loss"]
             if hasattr(batches, "set_postfix"):
                 batches.set_postfix(loss=f"{train_loss:.3f}")
         test_loss, test_acc = evaluate(model, xte, yte, normalize, 2 * args.batch_size, autocast)
-        log.log(step=step, epoch=epoch, test_loss=test_loss, test_acc=test_acc, time=time.perf_counter() - t0)
+        log.write(epoch=epoch, test_loss=test_loss, test_acc=test_acc, time=time.perf_counter() - t0)
         print(f"epoch {epoch}: train loss {train_loss:.4f}, test loss {test_loss:.4f}, "
               f"test accuracy {test_acc:.4f}, {time.perf_counter() - t0:.0f} s")
     log.close()

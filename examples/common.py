@@ -1,11 +1,9 @@
 """Shared by examples/cifar10.py and examples/gpt2.py: the --optimizer/--levels/--hyper-lr
-flags and the stacks they build, reading every hyperparameter of every level, a JSONL log,
-plots, and an optional tqdm progress bar."""
+flags and the stacks they build, plots of the hg.Recorder log, a summary table, and an optional
+tqdm progress bar."""
 
 from __future__ import annotations
 
-import json
-import math
 import os
 
 import torch
@@ -107,63 +105,13 @@ def hyper_stack(learn, hyper_lr, levels, clip=None):
     return hg.SGD(lr=hyper_lr, per_name=per_name, hyper=top, hypergrad_clip=clip if top else None)
 
 
-def hyperparameters(opt):
-    """{'level1.lr': ..., 'level1.beta1': ..., 'level2.lr[beta1]': ...} as floats, for every
-    level of a hypergrad stack or for a torch optimizer. Level 1 shows its first param group
-    (groups differ in weight decay only); a level above shows the group of each hyperparameter
-    it learns, named in brackets."""
-    names, values = [], []
-    for k, lvl in enumerate(getattr(opt, "levels", [opt]), 1):
-        groups = lvl.param_groups if k > 1 else lvl.param_groups[:1]
-        for gi, group in enumerate(groups):
-            tag = f"[{group['hyper_of']}]" if k > 1 and len(groups) > 1 else ""
-            hp = lvl.hyperparameters(gi) if isinstance(lvl, hg.HyperOptimizer) else _torch_hypers(group)
-            for n, v in hp.items():
-                if isinstance(v, list):  # tensor/element scopes: not used by these scripts
-                    continue
-                names.append(f"level{k}.{n}{tag}")
-                values.append(v.detach().reshape(()).double() if torch.is_tensor(v) else float(v))
-    # torch.stack: one device -> host copy for all of them
-    tensors = [v for v in values if torch.is_tensor(v)]
-    floats = iter(torch.stack(tensors).tolist() if tensors else [])
-    return {n: next(floats) if torch.is_tensor(v) else v for n, v in zip(names, values)}
-
-
-def _torch_hypers(group):
-    out = {k: group[k] for k in ("lr", "momentum", "eps", "weight_decay") if k in group}
-    if "betas" in group:
-        out["beta1"], out["beta2"] = group["betas"]
-    return out
-
-
 def learned_names(opt):
-    """Keys of hyperparameters(opt) that some level learns (what the summary shows)."""
+    """Keys of the recorder's rows (hg.Recorder) that some level learns (what the summary shows)."""
     out = []
     for k, lvl in enumerate(getattr(opt, "levels", [opt]), 1):
         if isinstance(lvl, hg.HyperOptimizer) and lvl.hyper is not None:
             out += [f"level{k}.{n}" for n in lvl.learned]
     return out
-
-
-class JsonlLog:
-    """Appends one JSON object per line (flushed, so a crashed run keeps its log) and keeps the
-    rows for the plots. Does nothing on a DDP rank other than 0 (enabled=False)."""
-
-    def __init__(self, path, enabled=True):
-        self.path, self.enabled, self.rows = path, enabled, []
-        if enabled:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.f = open(path, "w")
-
-    def log(self, **row):
-        if self.enabled:
-            self.rows.append(row)
-            self.f.write(json.dumps(row) + "\n")
-            self.f.flush()
-
-    def close(self):
-        if self.enabled:
-            self.f.close()
 
 
 def progress(iterable, enabled=True, **kw):
@@ -213,22 +161,9 @@ def plot(rows, out, title, eval_keys=("val_loss",)):
     fig.savefig(paths[0], dpi=100)
     plt.close(fig)
 
-    keys = [n for n in train[0] if n.startswith("level")]
-    moved = [n for n in keys if any(r[n] != train[0][n] for r in train)] or ["level1.lr"]
-    cols = min(3, len(moved))
-    nrows = math.ceil(len(moved) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3 * nrows), squeeze=False)
-    for ax, n in zip(axes.flat, moved):
-        ax.plot(steps, [r[n] for r in train])
-        ax.set(title=n, xlabel="step")
-        ax.ticklabel_format(axis="y", useOffset=False)
-    for ax in list(axes.flat)[len(moved):]:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    paths.append(os.path.join(out, "hyperparameters.png"))
-    fig.savefig(paths[1], dpi=100)
-    plt.close(fig)
+    path = os.path.join(out, "hyperparameters.png")  # the values that changed, every level
+    hg.plot_trajectories(train, path, title=title)
+    paths.append(path)
     return paths
 
 

@@ -43,6 +43,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import hypergrad as hg
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
@@ -249,7 +251,9 @@ def main(argv=None):
             loss /= world
         return loss.item()
 
-    log = common.JsonlLog(os.path.join(args.out, "log.jsonl"), enabled=master)
+    # every level's hyperparameters and hyper-gradients after each step (level 1: its first
+    # group), written by rank 0 only (they are the same on every rank)
+    log = hg.Recorder(opt, os.path.join(args.out, "log.jsonl"), groups="first", enabled=master)
     if master:
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({**vars(args), "model": vars(cfg), "world_size": world}, f, indent=1)
@@ -271,21 +275,23 @@ def main(argv=None):
                     micro_loss = model(x, y) / args.grad_accum
                 micro_loss.backward()
             loss += micro_loss.detach()
+        log.log(loss=loss, time=time.perf_counter() - t0)  # joins the row that the step writes
         opt.step()
         opt.zero_grad(set_to_none=True)
-        row = dict(step=step, loss=loss.item(), time=time.perf_counter() - t0, **common.hyperparameters(opt))
+        train_loss = log.rows[-1]["loss"] if master else None
         if step % args.eval_every == 0 or step == args.steps:
-            row["val_loss"] = val_loss()
+            vl = val_loss()  # every rank takes part (an all-reduce)
+            log.write(val_loss=vl)
             if master:
-                common.say(f"step {step}: train loss {row['loss']:.4f}, val loss {row['val_loss']:.4f}")
-        log.log(**row)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
+                common.say(f"step {step}: train loss {train_loss:.4f}, val loss {vl:.4f}")
+        if hasattr(bar, "set_postfix") and master:
+            bar.set_postfix(loss=f"{train_loss:.3f}")
     log.close()
     if master:
         plots = common.plot(log.rows, args.out, f"GPT {args.config} on {args.data}, {args.optimizer}")
-        final = log.rows[-1]
-        table = {"train loss": final["loss"], "val loss": final["val_loss"], "seconds": final["time"]}
+        last = [r for r in log.rows if "loss" in r][-1]
+        table = {"train loss": last["loss"], "val loss": log.rows[-1]["val_loss"],
+                 "seconds": time.perf_counter() - t0}
         print("\n" + common.summary(log.rows, opt, table))
         print(f"\nwrote {log.path}" + "".join(f", {p}" for p in plots))
     if world > 1:

@@ -78,7 +78,9 @@ def main():
         model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
         model.to(args.device, dtype)
         opt = make(model.parameters())
-        log, t0 = [], time.perf_counter()
+        # every level's hyperparameters and hyper-gradients after each step, streamed to JSONL
+        rec = hg.Recorder(opt, os.path.join(args.out, f"{name.replace(' ', '_')}.jsonl"))
+        t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(args.seed)
         for epoch in range(args.epochs):
             perm = torch.randperm(len(ytr), generator=gen).to(args.device)
@@ -87,21 +89,16 @@ def main():
                 loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
                 opt.zero_grad()
                 loss.backward()
+                rec.log(loss=loss)  # joins the row the step writes
                 opt.step()
-                row = {"step": len(log) + 1, "loss": loss.item()}
-                for k, v in opt.hyperparameters().items():
-                    row[k] = float(v)
-                log.append(row)
+        rec.close()
         with torch.no_grad():
             train_loss = F.cross_entropy(model(xtr), ytr).item()
             acc = (model(xte).argmax(1) == yte).float().mean().item()
         hp = {k: float(v) for k, v in opt.hyperparameters().items() if k in ("lr", "beta1", "beta2", "beta3",
                                                                              "c", "rho", "gamma")}
         results[name] = dict(train_loss=train_loss, test_acc=acc, seconds=time.perf_counter() - t0, **hp)
-        curves[name] = log
-        with open(os.path.join(args.out, f"{name.replace(' ', '_')}.jsonl"), "w") as f:
-            for row in log:
-                f.write(json.dumps(row) + "\n")
+        curves[name] = rec.rows
 
     print(f"\ndigits, MLP 64-128-10, {args.epochs} epochs, initial lr {args.lr:g}\n")
     keys = ["lr", "beta1", "beta2", "beta3", "c", "rho", "gamma"]
@@ -128,9 +125,9 @@ def main():
         loss = [sum(r["loss"] for r in log[max(0, i - k):i + 1]) / len(log[max(0, i - k):i + 1])
                 for i in range(len(log))]
         axes[0].plot(steps, loss, label=name, color=color)
-        axes[1].plot(steps, [r["lr"] for r in log], label=name, color=color)
-        if "beta1" in log[0]:
-            axes[2].plot(steps, [r["beta1"] for r in log], label=name, color=color)
+        axes[1].plot(steps, [r["level1.lr"] for r in log], label=name, color=color)
+        if "level1.beta1" in log[0]:
+            axes[2].plot(steps, [r["level1.beta1"] for r in log], label=name, color=color)
     axes[0].set(title="training loss (running mean)", xlabel="step", yscale="log")
     axes[1].set(title="learning rate", xlabel="step", yscale="log")
     axes[2].set(title="beta1", xlabel="step")

@@ -41,6 +41,8 @@ import time
 import numpy as np
 import torch
 
+import hypergrad as hg
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cifar10  # noqa: E402
 import common  # noqa: E402
@@ -103,8 +105,7 @@ class digits:
         model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
         opt = common.build_optimizer(list(model.parameters()), args)
         gen = torch.Generator().manual_seed(args.seed)
-        log = common.JsonlLog(os.path.join(args.out, "log.jsonl"))
-        step = 0
+        log = hg.Recorder(opt, os.path.join(args.out, "log.jsonl"), groups="first")
         for epoch in range(1, args.epochs + 1):
             perm = torch.randperm(len(ytr), generator=gen)
             for i in range(0, len(ytr), args.batch_size):
@@ -112,13 +113,12 @@ class digits:
                 loss = torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                log.log(epoch=epoch, loss=loss)
                 opt.step()
-                step += 1
-                log.log(step=step, epoch=epoch, loss=loss.item(), **common.hyperparameters(opt))
             with torch.no_grad():
                 out = model(xte)
-                log.log(step=step, epoch=epoch, test_loss=torch.nn.functional.cross_entropy(out, yte).item(),
-                        test_acc=(out.argmax(1) == yte).float().mean().item())
+                log.write(epoch=epoch, test_loss=torch.nn.functional.cross_entropy(out, yte).item(),
+                          test_acc=(out.argmax(1) == yte).float().mean().item())
         log.close()
         return log.rows
 

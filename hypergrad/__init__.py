@@ -5,6 +5,7 @@
 """
 
 from .core import Hyper, HyperOptimizer, hyper_dtype
+from .recorder import Recorder, plot_trajectories, read_log
 from .schedule import ScaledSchedule, scale_schedule
 from .wrap import WrappedOptimizer, wrap
 from .optimizers import (OPTIMIZERS, SGD, Adadelta, Adafactor, Adagrad, Adam, Adan, AdamW, Lion, NAdam,
@@ -13,5 +14,6 @@ from .optimizers import (OPTIMIZERS, SGD, Adadelta, Adafactor, Adagrad, Adam, Ad
 __version__ = "0.1.0"
 
 __all__ = ["Hyper", "HyperOptimizer", "hyper_dtype", "wrap", "WrappedOptimizer", "scale_schedule", "ScaledSchedule",
+           "Recorder", "plot_trajectories", "read_log",
            "OPTIMIZERS", "SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "NAdam", "Adan", "Yogi", "Lion",
            "Adafactor"]

@@ -14,9 +14,11 @@ fused, third-party).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from .core import Hyper, HyperOptimizer, HyperVar, _TRANSFORMS, _fmt, _opaque_to_dynamo, drive, hyper_dtype
 
@@ -136,6 +138,8 @@ class WrappedOptimizer:
         self._hg_skip_nonfinite = True
         self._hg_ok = True
         self._hg_covered: set[int] = set()
+        self._step_pre_hooks: OrderedDict = OrderedDict()
+        self._step_post_hooks: OrderedDict = OrderedDict()
         for g in optimizer.param_groups:
             self._add_group(g)
         hyper._hg_bind(self)
@@ -190,9 +194,33 @@ class WrappedOptimizer:
     def __repr__(self):
         return f"hg.wrap({self.optimizer!r}, hyper={type(self._hg_hyper).__name__})"
 
+    def register_step_pre_hook(self, hook):
+        """As torch.optim.Optimizer's: ``hook(optimizer, args, kwargs)`` before each step; it
+        may return new ``(args, kwargs)``."""
+        handle = RemovableHandle(self._step_pre_hooks)
+        self._step_pre_hooks[handle.id] = hook
+        return handle
+
+    def register_step_post_hook(self, hook):
+        """As torch.optim.Optimizer's: ``hook(optimizer, args, kwargs)`` after each step."""
+        handle = RemovableHandle(self._step_post_hooks)
+        self._step_post_hooks[handle.id] = hook
+        return handle
+
+    def step(self, closure=None):
+        args, kwargs = (), {"closure": closure}
+        for hook in list(self._step_pre_hooks.values()):
+            res = hook(self, args, kwargs)
+            if res is not None:
+                args, kwargs = res
+        out = self._step(*args, **kwargs)
+        for hook in list(self._step_post_hooks.values()):
+            hook(self, args, kwargs)
+        return out
+
     @_opaque_to_dynamo
     @torch.no_grad()
-    def step(self, closure=None):
+    def _step(self, closure=None):
         return drive(self, closure)
 
     # ------------------------------------------------------------- level protocol
