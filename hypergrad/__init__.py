@@ -4,7 +4,7 @@
 >>> opt = hg.Adam(model.parameters(), lr=1e-3, hyper=hg.SGD(lr=1e-5, hyper=hg.SGD(lr=1e-6)))
 """
 
-from .core import Hyper, HyperOptimizer, hyper_dtype
+from .core import Hyper, HyperOptimizer, compute_dtype, hyper_dtype
 from .recorder import Recorder, plot_trajectories, read_log
 from .schedule import ScaledSchedule, scale_schedule
 from .wrap import WrappedOptimizer, wrap
@@ -13,7 +13,7 @@ from .optimizers import (OPTIMIZERS, SGD, Adadelta, Adafactor, Adagrad, Adam, Ad
 
 __version__ = "0.1.0"
 
-__all__ = ["Hyper", "HyperOptimizer", "hyper_dtype", "wrap", "WrappedOptimizer", "scale_schedule", "ScaledSchedule",
+__all__ = ["Hyper", "HyperOptimizer", "hyper_dtype", "compute_dtype", "wrap", "WrappedOptimizer", "scale_schedule", "ScaledSchedule",
            "Recorder", "plot_trajectories", "read_log",
            "OPTIMIZERS", "SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "NAdam", "Adan", "Yogi", "Lion",
            "Adafactor"]

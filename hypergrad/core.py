@@ -1330,6 +1330,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             "raw": [{n: [r.detach().clone() for r in hv.raw] for n, hv in vars.items()}
                     for vars in self._hg_vars],
             "hyper_steps_skipped": self.hyper_steps_skipped,
+            "steps_skipped": self.steps_skipped,
             "t": self._hg_t,
             "hyper": None if self._hg_hyper is None else self._hg_hyper.state_dict(),
             "type": type(self).__name__,
@@ -1433,6 +1434,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         for gi in range(len(self.param_groups)):  # a loaded state in its steady form compiles at once
             self._hg_stable[gi] = self._hg_steady_keys(gi)
         self.hyper_steps_skipped = int(extra.get("hyper_steps_skipped", 0))
+        self.steps_skipped = int(extra.get("steps_skipped", 0))
         self._hg_t = int(extra.get("t", 0))
         if self._hg_hyper is not None:
             self._hg_hyper.load_state_dict(extra["hyper"])

@@ -337,6 +337,7 @@ class WrappedOptimizer:
                 "lr_used": [None if x is None else x.clone() for x in self._lr_used],
                 "prev": {i: self._prev[p].clone() for i, p in enumerate(params) if p in self._prev},
                 "hyper_steps_skipped": self.hyper_steps_skipped,
+                "steps_skipped": self.steps_skipped,
                 "hyper": self._hg_hyper.state_dict(),
                 "type": "WrappedOptimizer",
             },
@@ -357,4 +358,5 @@ class WrappedOptimizer:
         self._lr_used = [None if x is None else x.to(hv.value[0].device) for x in extra["lr_used"]]
         self._prev = {params[i]: t.to(params[i].device) for i, t in extra["prev"].items()}
         self.hyper_steps_skipped = int(extra.get("hyper_steps_skipped", 0))
+        self.steps_skipped = int(extra.get("steps_skipped", 0))
         self._hg_hyper.load_state_dict(extra["hyper"])

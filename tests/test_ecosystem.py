@@ -441,3 +441,18 @@ def test_autocast_forward_with_float32_parameters():
         opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert torch.isfinite(opt.hypergradients()["lr"])
+
+
+def test_skip_counters_survive_a_checkpoint():
+    model = MLP()
+    opt = hg.Adam(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=1e-4))
+    for t in range(1, 4):
+        opt.zero_grad()
+        loss_at(model, t).backward()
+        if t == 2:
+            model.w1.grad[0, 0] = float("nan")
+        opt.step()
+    assert opt.steps_skipped == 1
+    fresh = hg.Adam(MLP().parameters(), lr=1e-2, hyper=hg.SGD(lr=1e-4))
+    fresh.load_state_dict(opt.state_dict())
+    assert (fresh.steps_skipped, fresh.hyper_steps_skipped) == (opt.steps_skipped, opt.hyper_steps_skipped)
