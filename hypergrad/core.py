@@ -1478,12 +1478,11 @@ def drive(bottom, closure=None):
         if len(levels) > 1 and bottom._hg_ok:
             # finite hyper-gradients: the gradients they cover are finite (agreed over shards)
             ok = bottom._hg_grads_finite()
-        elif len(levels) > 1:
-            # non-finite hyper-gradients (their step is already dropped and counted): from a
-            # non-finite gradient, or an overflow of finite ones; only the first skips the step
-            bottom._hg_covered = set()
-            ok = bottom._hg_agree(bottom._hg_grads_finite())
         else:
+            # one level, or non-finite hyper-gradients (their step is already dropped and
+            # counted): from a non-finite gradient, or an overflow of finite ones; only the
+            # first skips the step, so check every gradient
+            bottom._hg_covered = set()
             ok = bottom._hg_agree(bottom._hg_grads_finite())
     if not ok:
         # a non-finite gradient: the whole step is skipped, as a GradScaler skips it (nothing
