@@ -127,26 +127,13 @@ class GroupKernels:
         dest = {j: k for k, j in alias.items()}        # where each new value is written
         plan = [(k, keys.index(dest.get(k, k))) for k in keys if k not in alias]
         rkeys = keys + (("step",) if "step" in states[0] and "step" not in keys else ())
-        args = list(params) + list(grads)
-        for s in states:
-            args.extend(s[k] for k in rkeys)
-        for row in hvals:
-            args.extend(row)
+        args = _flatten(params, grads, states, rkeys, hvals)
         neg = bool(opts.get("maximize"))
         istep = rkeys.index("step") if split else None
 
         def make():
             def run(*a):
-                ps, gs = a[:n], a[n:2 * n]
-                off = 2 * n
-                svals = []
-                for _ in range(n):
-                    svals.append(a[off:off + len(rkeys)])
-                    off += len(rkeys)
-                rows = []
-                for _ in range(len(hvals)):
-                    rows.append(a[off:off + len(names)])
-                    off += len(names)
+                ps, gs, svals, rows, _ = _unflatten(a, n, len(rkeys), len(hvals), len(names))
                 out = []
                 if split:
                     c = rule.coefficients(dict(zip(names, rows[0])), svals[0][istep] + 1, opts)
@@ -195,11 +182,7 @@ class GroupKernels:
         split = step is not None
         cfg = ("terms", kind, keys, names, learned, tuple(sorted(opts.items())), dtypes, split, per_tensor,
                len(hvals), n)
-        args = list(gts) + list(params)
-        for s in states:
-            args.extend(s[k] for k in keys)
-        for row in hvals:
-            args.extend(row)
+        args = _flatten(gts, params, states, keys, hvals)
         if split:
             args.append(step)
         neg = bool(opts.get("maximize"))
@@ -207,16 +190,9 @@ class GroupKernels:
 
         def make():
             def run(*a):
-                gs, ps = a[:n], a[n:2 * n]
-                off = 2 * n
-                svals = []
-                for _ in range(n):
-                    svals.append(dict(zip(keys, a[off:off + len(keys)])))
-                    off += len(keys)
-                rows = []
-                for _ in range(len(hvals)):
-                    rows.append(dict(zip(names, a[off:off + len(names)])))
-                    off += len(names)
+                gs, ps, svals, rows, off = _unflatten(a, n, len(keys), len(hvals), len(names))
+                svals = [dict(zip(keys, v)) for v in svals]
+                rows = [dict(zip(names, r)) for r in rows]
                 gts_ = [_compute(-x if neg else x) for x in gs]
                 ps = [_compute(x) for x in ps]
                 if kind == "closed":
@@ -234,6 +210,27 @@ class GroupKernels:
         if not per_tensor:
             return list(res[:nl])
         return [list(res[i * nl:(i + 1) * nl]) for i in range(n)]
+
+
+def _flatten(first, second, states, keys, hvals):
+    """The flat argument list of a kernel: two lists of n tensors, each tensor's state entries
+    ``keys``, then the rows of hyperparameter values."""
+    args = list(first) + list(second)
+    for s in states:
+        args.extend(s[k] for k in keys)
+    for row in hvals:
+        args.extend(row)
+    return args
+
+
+def _unflatten(a, n, nkeys, nrows, nnames):
+    """Inverse of ``_flatten`` inside a kernel: (first, second, per-tensor state tuples,
+    hyperparameter rows, the offset of what follows)."""
+    off = 2 * n
+    svals = [a[off + i * nkeys:off + (i + 1) * nkeys] for i in range(n)]
+    off += n * nkeys
+    rows = [a[off + r * nnames:off + (r + 1) * nnames] for r in range(nrows)]
+    return a[:n], a[n:2 * n], svals, rows, off + nrows * nnames
 
 
 def _sums(t, learned, dtypes, like):
