@@ -55,6 +55,8 @@ REPARAMS = (None, "log", "logit")
 
 # Keys of the per-parameter state that belong to the engine, not to the rule.
 _RECORD = "hg_record"
+# the record before it, which the levels above a ``one_pass`` bottom level differentiate
+_PREV = "hg_record_prev"
 _UNSET = object()
 
 
@@ -265,7 +267,7 @@ def _opaque_to_dynamo(fn):
 # --------------------------------------------------------------------------------------------
 
 _HG_KWARGS = ("hyper", "learn", "scope", "bounds", "reparam", "per_name", "hyper_warmup",
-              "hypergrad_clip", "backend", "compile", "shard_group", "skip_nonfinite")
+              "hypergrad_clip", "backend", "compile", "shard_group", "skip_nonfinite", "one_pass")
 BACKENDS = ("auto", "closed", "restore", "autograd")
 
 
@@ -339,6 +341,10 @@ class HyperOptimizer(torch.optim.Optimizer):
     hypers: ClassVar[tuple[Hyper, ...]] = ()
     # names whose hyper-gradient is identically 0 (they act only through sign(), say)
     zero_hypergrad_names: ClassVar[tuple[str, ...]] = ()
+    # for one_pass=True: an object with covers(opts, names), applies(params, grads, states) and
+    # run(params, grads, states, hyper_coefficients, coefficients, opts, names) -> {name: sum}
+    # that makes the update and the hyper-gradient's sums in one pass (hypergrad/_onepass.py)
+    one_pass_kernel: ClassVar[Any] = None
 
     # ---------------------------------------------------------------- rule interface
     def options(self, group: dict, values: dict[str, float]) -> dict:
@@ -500,6 +506,23 @@ class HyperOptimizer(torch.optim.Optimizer):
                                    "(call torch.distributed.init_process_group first)")
         self._hg_shard_group = shard
         self._hg_skip_nonfinite = bool(hg.get("skip_nonfinite", True))
+        one_pass = hg.get("one_pass", False)
+        if one_pass not in (True, False):
+            raise ValueError(f"one_pass must be True or False, got {one_pass!r}")
+        if one_pass and params is None:
+            raise ValueError("one_pass is an option of the bottom level of a stack (the optimizer of the "
+                             "model parameters), not of a hyper level")
+        if one_pass and hyper is None:
+            raise ValueError("one_pass=True needs a hyper level: it changes when hyper-steps take effect")
+        self._hg_one_pass = bool(one_pass)
+        self._hg_fused: set[int] = set()
+        # a level above a one_pass bottom level differentiates its update before last
+        self._hg_lag = False
+        if one_pass:
+            h = hyper
+            while h is not None:
+                h._hg_lag = True
+                h = h._hg_hyper
         if params is not None:
             self._hg_setup(params)
         # an unbound level keeps param_groups undefined until it is bound
@@ -826,6 +849,12 @@ class HyperOptimizer(torch.optim.Optimizer):
         backend = self._hg_backend
         if backend == "autograd":
             return "autograd"
+        if self._hg_lag:  # its record before last: recorded copies (a few scalars)
+            if backend != "auto":
+                raise RuntimeError(f"{type(self).__name__}: backend={backend!r} is not available on a level above "
+                                   f"a one_pass=True bottom level (it differentiates its update before last, "
+                                   f"from recorded copies: backend='autograd' or 'auto')")
+            return "autograd"
         cls = type(self)
         ok = self.closed_form_ok(self._hg_opts[gi], self._hg_vars[gi])
         closed = cls.hyper_terms is not None and bool(ok)
@@ -843,8 +872,9 @@ class HyperOptimizer(torch.optim.Optimizer):
             return "restore"
         return "closed" if closed else "restore" if restore else "autograd"
 
-    def _hg_update(self) -> None:
-        """Update this level's parameters in place, recording what the next hyper-gradient needs."""
+    def _hg_update(self, skip: set[int] = frozenset()) -> None:
+        """Update this level's parameters in place, recording what the next hyper-gradient needs
+        (the param groups in ``skip`` were updated already, by a one-pass kernel)."""
         snaps = None
         if self._hg_learn:  # the hyperparameter values this step uses
             snaps = {}
@@ -853,6 +883,8 @@ class HyperOptimizer(torch.optim.Optimizer):
                     if id(hv) not in snaps:
                         snaps[id(hv)] = [v.detach().clone() for v in hv.value]
         for gi in range(len(self.param_groups)):
+            if gi in skip:
+                continue
             kind = self._hg_kind(gi) if snaps is not None else None
             if kind != "autograd" and self._hg_compiles(gi) and self._hg_try(self._hg_update_compiled, gi, kind, snaps):
                 continue
@@ -868,7 +900,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(group["params"]):
             st = self.state[p]
             if p.grad is None:
-                st.pop(_RECORD, None)
+                self._hg_record(st, None)
                 self._hg_aligned[gi] = False
                 continue
             g = self._hg_grad(p, opts)
@@ -888,7 +920,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                 if not _all_finite(new_p, new_state):
                     # a hyper-step that would make a hyperparameter or its state non-finite (an
                     # overflow) is not taken: the value stays, and its record is dropped
-                    st.pop(_RECORD, None)
+                    self._hg_record(st, None)
                     self.steps_skipped += 1
                     continue
                 if kind == "closed":  # where the projection clips, the derivative is 0
@@ -897,14 +929,14 @@ class HyperOptimizer(torch.optim.Optimizer):
             if kind is not None:
                 hs = {n: snaps[id(hv)][0 if len(hv.value) == 1 else i] for n, hv in vars.items()}
                 if kind == "autograd":
-                    st[_RECORD] = {
+                    self._hg_record(st, {
                         "kind": kind,
                         # the old value only matters where the rule reads it or a projection clips
                         "p": (pc.clone() if pc is p else pc) if b is not None or self.uses_param(opts) else None,
                         "g": g.clone(),
                         "state": old,
                         "h": hs,
-                    }
+                    })
                 else:  # the rule's update saved what its closed form / restore needs (hg_* state)
                     st[_RECORD] = {"kind": kind, "h": hs, "mask": mask}
             for k, v in new_state.items():
@@ -928,6 +960,20 @@ class HyperOptimizer(torch.optim.Optimizer):
             ks = next(iter(keysets)) if len(keysets) == 1 else None
             stable = ks is not None and ks[0] == {k for k in ks[1] if not k.startswith("hg_")}
             self._hg_stable[gi] = tuple(sorted(k for k in ks[1] if k != "step")) if stable else None
+
+    def _hg_record(self, st: dict, rec: dict | None) -> None:
+        """Set (or drop, with None) the record of the update just made; on a level above a
+        ``one_pass`` bottom level, keep the one before it, which its hyper-gradient needs."""
+        if self._hg_lag:
+            prev = st.get(_RECORD)
+            if prev is None:
+                st.pop(_PREV, None)
+            else:
+                st[_PREV] = prev
+        if rec is None:
+            st.pop(_RECORD, None)
+        else:
+            st[_RECORD] = rec
 
     def _hg_compiles(self, gi: int) -> bool:
         """Whether param group ``gi`` runs compiled kernels (``compile=``)."""
@@ -954,7 +1000,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             st = self.state.get(p)
             if not st:
                 return None
-            k = frozenset(x for x in st if x != _RECORD)
+            k = frozenset(x for x in st if x not in (_RECORD, _PREV))
             if keys is not None and k != keys:
                 return None
             keys = k
@@ -1018,7 +1064,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             if g is None or g.is_sparse or g.is_complex() or p in self._hg_proj:
                 return False
             st = self.state[p]
-            if len(st) - (_RECORD in st) - ("step" in st) != len(keys):
+            if len(st) - (_RECORD in st) - (_PREV in st) - ("step" in st) != len(keys):
                 return False
             states.append(st)
             grads.append(g)
@@ -1049,10 +1095,14 @@ class HyperOptimizer(torch.optim.Optimizer):
                                                        for n, hv in vars.items()}, "mask": None}
         return True
 
-    def _hg_hypergrad(self) -> None:
+    def _hg_hypergrad(self, fuse: bool = False) -> None:
         """Compute d f_t / d q for every learned hyperparameter and store it, in raw space, as
         ``.grad`` of the raw tensors: from the rule's closed form, or by autograd through the
-        update at the inputs its ``restore`` rebuilds or that were recorded (see ``_hg_kind``)."""
+        update at the inputs its ``restore`` rebuilds or that were recorded (see ``_hg_kind``).
+
+        ``fuse`` (a ``one_pass`` bottom level): where a one-pass kernel applies, it makes this
+        step's update too, and the group goes into ``_hg_fused``."""
+        self._hg_fused = set()
         learned = self._hg_learned_vars()
         for hv in learned:
             hv.grad = [None] * len(hv.value)
@@ -1086,6 +1136,11 @@ class HyperOptimizer(torch.optim.Optimizer):
             names = tuple(n for n, hv in vars.items() if hv.learned)
             kind = self._hg_kind(gi)
             covers = not set(names) <= set(self.zero_hypergrad_names)
+            if fuse and kind == "closed" and self._hg_compiles(gi) and \
+                    self._hg_try(self._hg_onepass_group, gi, names, add):
+                self._hg_fused.add(gi)
+                covered.update(id(p) for p in group["params"])
+                continue
             if kind != "autograd" and self._hg_compiles(gi) and self._hg_try(self._hg_terms_compiled, gi, kind, names, add):
                 if covers:
                     covered.update(id(p) for p in group["params"])
@@ -1093,7 +1148,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             hcoef = self._hg_group_scalars(gi, "hyper_coefficients", 0) if kind == "closed" else None
             for i, p in enumerate(group["params"]):
                 st = self.state.get(p)
-                rec = st.get(_RECORD) if st else None
+                rec = st.get(_PREV if self._hg_lag else _RECORD) if st else None
                 if rec is None or p.grad is None:
                     continue
                 if covers:
@@ -1260,6 +1315,44 @@ class HyperOptimizer(torch.optim.Optimizer):
                 add(hv, idx, states[i][_RECORD]["h"][n], val)
         return True
 
+    def _hg_onepass_group(self, gi, names, add) -> bool:
+        """Group ``gi``'s hyper-gradient and this step's update in one pass (the rule's
+        ``one_pass_kernel``); False where it does not apply: a rule without one, names it does not
+        cover, per-tensor values, tensors that are not float32 CPU tensors with aligned steps."""
+        fn = getattr(type(self), "one_pass_kernel", None)
+        opts = self._hg_opts[gi]
+        if fn is None or not fn.covers(opts, names):
+            return False
+        vars = self._hg_vars[gi]
+        params = self.param_groups[gi]["params"]
+        keys = self._hg_stable.get(gi)
+        if not keys or not params or any(len(hv.value) != 1 for hv in vars.values()):
+            return False
+        states, grads = [], []
+        for p in params:
+            st = self.state.get(p)
+            rec = st.get(_RECORD) if st else None
+            if rec is None or p.grad is None or rec["kind"] != "closed" or rec["mask"] is not None \
+                    or p in self._hg_proj:
+                return False
+            states.append(st)
+            grads.append(p.grad)
+        if not fn.applies(params, grads, states):
+            return False
+        hc = self._hg_group_scalars(gi, "hyper_coefficients", 0)
+        c = self._hg_group_scalars(gi, "coefficients", 1)
+        if hc is None or c is None:
+            return False
+        h = states[0][_RECORD]["h"]
+        sums = fn.run(params, grads, states, hc, c, opts, names)
+        for n, val in sums.items():
+            add(vars[n], 0, h[n], val.to(vars[n].value[0].dtype))
+        torch._foreach_add_([st["step"] for st in states], 1)
+        rec = {"kind": "closed", "h": {n: hv.value[0].detach().clone() for n, hv in vars.items()}, "mask": None}
+        for st in states:
+            st[_RECORD] = rec
+        return True
+
     def _hg_store(self, owners, acc) -> bool:
         """Store value-space hyper-gradients; give the raw tensors their raw-space gradients;
         drop all of them for this step if any is non-finite. Returns whether the hyper-gradients
@@ -1317,16 +1410,20 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._hg_check_bound()
         sd = super().state_dict()
         state = {}
-        records = {}
+        records, prev = {}, {}
         for k, v in sd["state"].items():
             v = dict(v)
             rec = v.pop(_RECORD, None)
             if rec is not None:
                 records[k] = rec
+            rec = v.pop(_PREV, None)
+            if rec is not None:
+                prev[k] = rec
             state[k] = v
         sd["state"] = state
         sd["hypergrad"] = {
             "records": records,
+            "records_prev": prev,
             "raw": [{n: [r.detach().clone() for r in hv.raw] for n, hv in vars.items()}
                     for vars in self._hg_vars],
             "hyper_steps_skipped": self.hyper_steps_skipped,
@@ -1415,9 +1512,10 @@ class HyperOptimizer(torch.optim.Optimizer):
         for pid, st in sd["state"].items():
             p = id2p[pid]
             self.state[p] = {k: self._hg_place(p, v) if isinstance(v, Tensor) else v for k, v in st.items()}
-        for pid, rec in extra["records"].items():
-            p = id2p[pid]
-            self.state[p][_RECORD] = _to_device(rec, p.device)
+        for key, recs in ((_RECORD, extra["records"]), (_PREV, extra.get("records_prev", {}))):
+            for pid, rec in recs.items():
+                p = id2p[pid]
+                self.state[p][key] = _to_device(rec, p.device)
         for gi, group in enumerate(self.param_groups):
             for name, hv in self._hg_vars[gi].items():
                 self._hg_assign(hv, _get(group, hv.spec.key), gi)
@@ -1471,6 +1569,8 @@ def drive(bottom, closure=None):
     for lvl in levels:
         lvl._hg_t += 1
         lvl._hg_sync()
+    if bottom._hg_one_pass:
+        return _drive_one_pass(bottom, levels, loss)
     for lvl in levels[:-1]:
         lvl._hg_hypergrad()
     ok = True
@@ -1485,19 +1585,49 @@ def drive(bottom, closure=None):
             bottom._hg_covered = set()
             ok = bottom._hg_agree(bottom._hg_grads_finite())
     if not ok:
-        # a non-finite gradient: the whole step is skipped, as a GradScaler skips it (nothing
-        # changes: parameters, states, hyperparameters, step counts); counted
-        for lvl in levels:
-            lvl._hg_t -= 1
-            for hv in lvl._hg_learned_vars():
-                for r in hv.raw:
-                    r.grad = None
-        bottom.steps_skipped += 1
+        _skip(bottom, levels)
         return loss
     for k in range(len(levels) - 1, 0, -1):
         levels[k]._hg_update()
         levels[k - 1]._hg_refresh()
     bottom._hg_update()
+    return loss
+
+
+def _skip(bottom, levels) -> None:
+    """A non-finite gradient: the whole step is skipped, as a GradScaler skips it (nothing
+    changes: parameters, states, hyperparameters, step counts); counted."""
+    for lvl in levels:
+        lvl._hg_t -= 1
+        for hv in lvl._hg_learned_vars():
+            for r in hv.raw:
+                r.grad = None
+    bottom.steps_skipped += 1
+
+
+def _drive_one_pass(bottom, levels, loss):
+    """Step ``t`` of a stack whose bottom level has ``one_pass=True``: the bottom level computes
+    the hyper-gradient of its last update and makes this step's update with the hyperparameters
+    it has (one pass over memory where a one-pass kernel applies); then the levels above compute
+    theirs and step top-down, and the new hyperparameters take effect at step ``t + 1``.
+
+    The hyper-gradient of step ``t`` differentiates the update of step ``t - 1``, made with the
+    hyperparameters that the hyper-step of step ``t - 2`` produced: each level above
+    differentiates its update before last (``_PREV`` records; docs/math.md)."""
+    if bottom._hg_skip_nonfinite:
+        # the update is in the same pass as the hyper-gradient that would reveal a non-finite
+        # gradient: check the gradients first (one reduction over them)
+        bottom._hg_covered = set()
+        if not bottom._hg_agree(bottom._hg_grads_finite()):
+            _skip(bottom, levels)
+            return loss
+    bottom._hg_hypergrad(fuse=True)
+    bottom._hg_update(skip=bottom._hg_fused)
+    for lvl in levels[1:-1]:
+        lvl._hg_hypergrad()
+    for k in range(len(levels) - 1, 0, -1):
+        levels[k]._hg_update()
+        levels[k - 1]._hg_refresh()
     return loss
 
 

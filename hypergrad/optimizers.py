@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor
 
+from ._onepass import AdamOnePass as _AdamOnePass
 from .core import Hyper, HyperOptimizer
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "NAdam", "Adan", "Yogi",
@@ -591,6 +592,8 @@ class Adam(_HO):
     @staticmethod
     def hyper_terms(gt, p, s, h, o, names):
         return Adam.hyper_apply(gt, p, s, Adam.hyper_coefficients(h, s["step"], o), o, names)
+
+    one_pass_kernel = _AdamOnePass  # one_pass=True on the CPU: hyper-gradient and update in one loop
 
 
 class AdamW(Adam):
