@@ -9,15 +9,16 @@ from helpers import loss_at, train
 EPS64 = 2.2e-16
 
 
-def perturbed_loss(build, T, level, name, delta, group=0, index=0):
+def perturbed_loss(build, T, level, name, delta, group=0, index=0, lag=0):
     """Replay steps 1..T-1 of a fresh (model, opt), with the raw hyperparameter ``name`` of
-    ``level`` shifted by ``delta`` just before it is used at step T-1; return f_T(x_{T-1})."""
+    ``level`` shifted by ``delta`` just before it is used at step T-1 (``lag``: that many steps
+    earlier, as the levels above a one_pass bottom level); return f_T(x_{T-1})."""
     model, opt = build()
-    train(model, opt, T - 2)
+    train(model, opt, T - 2 - lag)
     lvl = opt.levels[level]
     orig = lvl._hg_update
 
-    def patched():
+    def patched(*a, **k):
         hv = lvl._hg_vars[group][name]
         with torch.no_grad():
             if len(hv.raw) > 1:
@@ -25,11 +26,12 @@ def perturbed_loss(build, T, level, name, delta, group=0, index=0):
             else:
                 hv.raw[0].view(-1)[index] += delta
         hv.refresh()
-        orig()
+        orig(*a, **k)
 
     lvl._hg_update = patched
-    train(model, opt, 1, start=T - 2)
+    train(model, opt, 1, start=T - 2 - lag)
     del lvl._hg_update
+    train(model, opt, lag, start=T - 1 - lag)
     with torch.no_grad():
         return loss_at(model, T).item()
 
@@ -49,12 +51,12 @@ def step_size(name: str, q: float, reparam: bool = False) -> float:
     return 1e-4 * s
 
 
-def fd_grad(build, T, level, name, h, group=0, index=0):
+def fd_grad(build, T, level, name, h, group=0, index=0, lag=0):
     """Central difference with one Richardson extrapolation (error O(h^4)); returns the estimate
     and the size of its floating-point noise."""
     def d(hh):
-        up = perturbed_loss(build, T, level, name, hh, group, index)
-        down = perturbed_loss(build, T, level, name, -hh, group, index)
+        up = perturbed_loss(build, T, level, name, hh, group, index, lag)
+        down = perturbed_loss(build, T, level, name, -hh, group, index, lag)
         return (up - down) / (2 * hh), max(abs(up), abs(down))
     d1, f = d(h)
     d2, _ = d(h / 2)

@@ -1,0 +1,198 @@
+"""``one_pass=True``: the bottom level computes the hyper-gradient of its last update and makes
+this step's update in one pass; the hyper-steps take effect one step later, and each level above
+differentiates its update before last.
+
+Checked: hyper-gradients against finite differences of f_t(x_{t-1}) in float64 at every level
+(perturbing each level's value where the differentiated update used it); the hand-written
+kernel against the eager path; with a zero hyper-lr, torch.optim; checkpoints bit for bit;
+skipped non-finite steps; and the errors."""
+
+import io
+
+import pytest
+import torch
+
+import hypergrad as hg
+from fd import fd_grad, our_raw_grad, step_size
+from helpers import MLP, train
+
+T = 7
+
+
+def check(build, targets):
+    model, opt = build()
+    train(model, opt, T)
+    for level, name in targets:
+        ours = our_raw_grad(opt, level, name)
+        hv = opt.levels[level]._hg_vars[0][name]
+        h = step_size(name, float(hv.raw[0]), reparam=hv.transform.name is not None)
+        fd, noise = fd_grad(build, T, level, name, h, lag=0 if level == 0 else 1)
+        assert ours != 0
+        assert ours == pytest.approx(fd, rel=1e-5, abs=max(noise, 1e-12)), \
+            f"level {level} {name}: ours {ours} fd {fd} (noise {noise:.1e})"
+
+
+@pytest.mark.parametrize("cls", [hg.Adam, hg.AdamW, hg.SGD, hg.RMSprop])
+def test_level1_finite_differences(cls):
+    kw = dict(lr=0.01, momentum=0.9) if cls is hg.SGD else \
+        dict(lr=0.01, momentum=0.5) if cls is hg.RMSprop else dict(lr=0.01)
+
+    def build():
+        model = MLP()
+        return model, cls(model.parameters(), **kw, hyper=hg.SGD(lr=1e-3), one_pass=True, compile=False)
+    model, opt = build()
+    check(build, [(0, n) for n in opt.learned])
+
+
+@pytest.mark.parametrize("bottom", ["sgd", "adam"])
+def test_stack_levels_2_and_3_finite_differences(bottom):
+    """Levels 2 and 3 (Adam, SGD with momentum) differentiate their update before last."""
+    def build():
+        model = MLP()
+        top = hg.SGD(lr=1e-4)
+        l3 = hg.SGD(lr=1e-3, momentum=0.5, hyper=top)
+        l2 = hg.Adam(lr=1e-3, hyper=l3)
+        if bottom == "sgd":
+            return model, hg.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01, hyper=l2,
+                                 learn=["lr", "momentum", "weight_decay"], one_pass=True, compile=False)
+        return model, hg.Adam(model.parameters(), lr=0.01, hyper=l2, one_pass=True, compile=False)
+    model, opt = build()
+    targets = [(0, n) for n in opt.learned] + [(1, n) for n in opt.hyper.learned] + \
+        [(2, n) for n in opt.hyper.hyper.learned]
+    check(build, targets)
+
+
+def _model(seed=0):
+    # sizes that are not multiples of the vector width, and one of several 4096-element blocks
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in [(37, 301), (301,), (5,), (9000,)]]
+
+
+def _grads(params, t):
+    """The gradient of 0.5 |p - 1|^2 with some noise: a problem on which the lr stays moderate."""
+    g = torch.Generator().manual_seed(100 + t)
+    for p in params:
+        p.grad = (p.detach() - 1) + torch.randn(p.shape, generator=g) * 0.05
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kw", [dict(cls=hg.Adam), dict(cls=hg.AdamW, weight_decay=0.1),
+                                dict(cls=hg.Adam, maximize=True), dict(cls=hg.Adam, betas=(0.3, 0.9))],
+                         ids=["adam", "adamw", "maximize", "lerp-high"])
+def test_kernel_agrees_with_eager(kw, threads):
+    """The hand-written one-pass kernel (float32, CPU) computes what the eager path computes."""
+    kw = dict(kw)
+    cls = kw.pop("cls")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = []
+        for compile in (False, True):
+            params = _model()
+            opt = cls(params, lr=1e-2, hyper=hg.SGD(lr=1e-9), one_pass=True,
+                      compile=compile, **kw)
+            fused = []
+            for t in range(12):
+                _grads(params, t)
+                opt.step()
+                fused.append(bool(opt._hg_fused))
+            runs.append((params, opt, fused))
+        (pe, oe, fe), (pf, of, ff) = runs
+        assert not any(fe) and all(ff[2:]), (fe, ff)  # the kernel ran from the third step on
+        for n, v in oe.hyperparameters().items():
+            assert float(of.hyperparameters()[n]) == pytest.approx(float(v), rel=1e-5), n
+        for n in oe.learned:
+            assert float(of.hypergradients()[n]) == pytest.approx(float(oe.hypergradients()[n]), rel=1e-3, abs=1e-9), n
+        for a, b in zip(pe, pf):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_zero_hyper_lr_is_torch_adam(compile):
+    """With hyper-lr 0 the hyperparameters never move: the one-pass step is torch's AdamW step."""
+    params, ref = _model(), _model()
+    opt = hg.AdamW(params, lr=1e-2, weight_decay=0.1, hyper=hg.SGD(lr=0.0), one_pass=True, compile=compile)
+    topt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
+    for t in range(10):
+        _grads(params, t)
+        _grads(ref, t)
+        opt.step()
+        topt.step()
+    for a, b in zip(params, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_checkpoint_bit_for_bit(compile):
+    """A 3-level one-pass stack: 2N steps, or N steps + save + load into a fresh stack + N."""
+    def make(params):
+        return hg.Adam(params, lr=1e-2, hyper=hg.Adam(lr=1e-4, hyper=hg.SGD(lr=1e-6)), one_pass=True,
+                       compile=compile)
+    p1 = _model()
+    o1 = make(p1)
+    for t in range(10):
+        _grads(p1, t)
+        o1.step()
+    p2 = _model()
+    o2 = make(p2)
+    for t in range(5):
+        _grads(p2, t)
+        o2.step()
+    buf = io.BytesIO()
+    torch.save({"model": [p.detach().clone() for p in p2], "opt": o2.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    p3 = _model(seed=1)
+    with torch.no_grad():
+        for p, s in zip(p3, ck["model"]):
+            p.copy_(s)
+    o3 = make(p3)
+    o3.load_state_dict(ck["opt"])
+    for t in range(5, 10):
+        _grads(p3, t)
+        o3.step()
+    for a, b in zip(p1, p3):
+        assert torch.equal(a, b)
+    for lvl1, lvl3 in zip(o1.levels, o3.levels):
+        for n, v in lvl1.hyperparameters().items():
+            assert torch.equal(v, lvl3.hyperparameters()[n]), n
+
+
+def test_nonfinite_gradient_skips_the_step():
+    params = _model()
+    opt = hg.Adam(params, lr=1e-2, hyper=hg.SGD(lr=1e-4), one_pass=True, compile=True)
+    for t in range(4):
+        _grads(params, t)
+        opt.step()
+    before = [p.detach().clone() for p in params]
+    hyper = {n: v.clone() for n, v in opt.hyperparameters().items()}
+    state = {k: v.clone() for k, v in opt.state[params[3]].items() if isinstance(v, torch.Tensor)}
+    _grads(params, 4)
+    params[3].grad[17] = float("nan")
+    opt.step()
+    assert opt.steps_skipped == 1
+    for a, b in zip(before, params):
+        assert torch.equal(a, b)
+    for n, v in opt.hyperparameters().items():
+        assert torch.equal(v, hyper[n]), n
+    for k, v in state.items():
+        assert torch.equal(opt.state[params[3]][k], v), k
+    _grads(params, 5)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_errors():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match="bottom level"):
+        hg.Adam(p, hyper=hg.SGD(lr=1e-3, one_pass=True))
+    with pytest.raises(ValueError, match="needs a hyper level"):
+        hg.Adam(p, one_pass=True)
+    with pytest.raises(ValueError, match="True or False"):
+        hg.Adam(p, hyper=hg.SGD(lr=1e-3), one_pass="yes")
+    opt = hg.Adam(p, hyper=hg.Adam(lr=1e-3, backend="closed", hyper=hg.SGD(lr=0.0)), one_pass=True)
+    p[0].grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="one_pass"):
+        opt.step()
