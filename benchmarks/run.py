@@ -110,12 +110,12 @@ def section_step(args, name, baseline_cls, ours, sizes, threads):
                 print(f"  {k:<34} {v * 1e3:9.3f} ms   {v / base:6.2f}x")
 
 
-def hyper_adam(compile, backend="auto"):
-    return lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9), compile=compile, backend=backend)
+def hyper_adam(compile, backend="auto", **kw):
+    return lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9), compile=compile, backend=backend, **kw)
 
 
-def stack3(compile):
-    return lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9, hyper=hg.SGD(lr=1e-12)), compile=compile)
+def stack3(compile, **kw):
+    return lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9, hyper=hg.SGD(lr=1e-12)), compile=compile, **kw)
 
 
 def mada(compile):
@@ -176,6 +176,7 @@ def section_gpt(args):
         "torch Adam (foreach)": lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
         "hyper-Adam, eager": lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9), compile=False),
         "hyper-Adam, compile=True": lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9), compile=True),
+        "hyper-Adam, one_pass=True": lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9), one_pass=True),
     }
     runs = {}
     for k, make in makers.items():
@@ -318,6 +319,8 @@ elif kind == "eager":
     opt = hg.Adam(ps, lr=1e-3, hyper=hg.SGD(lr=1e-9), compile=False)
 elif kind == "generic":
     opt = hg.Adam(ps, lr=1e-3, hyper=hg.SGD(lr=1e-9), backend="autograd", compile=False)
+elif kind == "one_pass":
+    opt = hg.Adam(ps, lr=1e-3, hyper=hg.SGD(lr=1e-9), one_pass=True)
 for _ in range(5):
     opt.step()
 gc.collect()
@@ -337,6 +340,8 @@ def section_memory(args):
                     "hyper-Adam, scope='shared'": lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9),
                                                                     scope="shared", compile=False),
                     "hyper-Adam, 3 levels": stack3(False),
+                    "hyper-Adam, one_pass=True": hyper_adam(True, one_pass=True),
+                    "hyper-Adam, one_pass=True, 3 levels": stack3(True, one_pass=True),
                     "MADA (6 coefficients)": mada(False)}.items():
         ps = params(n, args.device)
         opt = make(ps)
@@ -366,7 +371,7 @@ def section_memory(args):
         child("hyper", n)  # fills inductor's on-disk cache: the measured runs load their kernels
         child("hyper", 2 * n)
         per = {}
-        for kind in ("torch", "hyper", "eager", "generic"):
+        for kind in ("torch", "hyper", "one_pass", "eager", "generic"):
             try:
                 a, b = child(kind, n), child(kind, 2 * n)
             except RuntimeError as e:
@@ -402,10 +407,15 @@ def main():
     if "step" in only:
         section_step(args, "step", torch.optim.Adam,
                      {"hyper-Adam, eager": hyper_adam(False), "hyper-Adam, compile=True": hyper_adam(True),
+                      "hyper-Adam, one_pass=True": hyper_adam(True, one_pass=True),
+                      "hyper-Adam, one_pass, skip_nonfinite=False": hyper_adam(True, one_pass=True,
+                                                                               skip_nonfinite=False),
                       "hg.Adam (nothing learned), compile=True": lambda p: hg.Adam(p, lr=1e-3, compile=True)},
                      sizes, threads)
     if "stack" in only:
-        section_step(args, "stack", torch.optim.Adam, {"3-level stack, compile=True": stack3(True)}, sizes, threads)
+        section_step(args, "stack", torch.optim.Adam, {"3-level stack, compile=True": stack3(True),
+                                                        "3-level stack, one_pass=True": stack3(True, one_pass=True)},
+                     sizes, threads)
     if "mada" in only:
         section_step(args, "mada", torch.optim.AdamW,
                      {"MADA (6 coefficients), compile=True": mada(True),

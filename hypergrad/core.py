@@ -330,6 +330,13 @@ class HyperOptimizer(torch.optim.Optimizer):
         ``GradScaler`` skips it, and counted in ``steps_skipped``. The check is free where the
         hyper-gradients cover the gradients (their sums are then non-finite), else one
         reduction over the gradients. ``False``: as torch.optim, the values go through.
+    one_pass
+        Only on the bottom level. ``True``: step ``t`` updates the parameters with the
+        hyperparameters it has and computes, in the same pass over memory, the hyper-gradient of
+        the last update; the hyper-steps it drives take effect at step ``t + 1`` (the levels above
+        differentiate their update before last). A hand-written kernel makes it one loop for
+        Adam/AdamW on float32 CPU tensors; elsewhere the same order runs in two passes.
+        ``False`` (default): the paper's order (hyper-steps first, then the update).
     shard_group
         The process group (or ``True``: the default one) over which the parameters of this
         level are sharded, as under ``ZeroRedundancyOptimizer``: the hyper-gradients of the
@@ -1569,7 +1576,7 @@ def drive(bottom, closure=None):
     for lvl in levels:
         lvl._hg_t += 1
         lvl._hg_sync()
-    if bottom._hg_one_pass:
+    if getattr(bottom, "_hg_one_pass", False):  # (a wrapped torch optimizer has no such option)
         return _drive_one_pass(bottom, levels, loss)
     for lvl in levels[:-1]:
         lvl._hg_hypergrad()
