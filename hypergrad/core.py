@@ -1212,10 +1212,12 @@ class HyperOptimizer(torch.optim.Optimizer):
                  if p.grad is not None and id(p) not in covered]
         if not grads:
             return True
-        norms = torch._foreach_norm(grads, float("inf"))  # NaN and inf propagate into the max
-        if len({n.device for n in norms}) == 1:
-            return bool(torch.isfinite(torch.stack(norms)).all())
-        return all(bool(torch.isfinite(n)) for n in norms)
+        # a sum is a read at memory speed (torch's CPU inf-norm and isfinite run 6-13x slower);
+        # NaN and inf propagate into it. A finite sum proves the gradients finite; a non-finite one
+        # may be an overflow of finite values, which the min and max tell apart.
+        if _finite([g.sum() for g in grads]):
+            return True
+        return _finite([x for g in grads if g.numel() for x in torch.aminmax(g)])
 
     def _hg_agree(self, ok: bool, values: list | None = None):
         """On a level whose parameters are sharded over ``shard_group``: sum ``values`` (the
@@ -1636,6 +1638,13 @@ def _drive_one_pass(bottom, levels, loss):
         levels[k]._hg_update()
         levels[k - 1]._hg_refresh()
     return loss
+
+
+def _finite(xs: list) -> bool:
+    """Whether every 0-dim tensor of ``xs`` is finite (one host sync per device)."""
+    if len({x.device for x in xs}) == 1:
+        return bool(torch.isfinite(torch.stack(xs)).all())
+    return all(bool(torch.isfinite(x)) for x in xs)
 
 
 def _all_finite(x: Tensor, state: dict) -> bool:

@@ -184,6 +184,24 @@ def test_nonfinite_gradient_skips_the_step():
     assert all(torch.isfinite(p).all() for p in params)
 
 
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_large_finite_gradients_are_not_skipped(one_pass):
+    """The finiteness check sums the gradients: a sum that overflows from finite values must not
+    skip the step (the check then looks at the min and max)."""
+    params = [torch.nn.Parameter(torch.zeros(70000)), torch.nn.Parameter(torch.zeros(0))]
+    opt = hg.Adam(params, lr=1e-3, hyper=hg.SGD(lr=0.0), one_pass=one_pass) if one_pass else \
+        hg.Adam(params, lr=1e-3)
+    params[0].grad = torch.full((70000,), 3e38)
+    params[1].grad = torch.zeros(0)
+    assert torch.isinf(params[0].grad.sum())
+    opt.step()
+    assert opt.steps_skipped == 0
+    assert torch.all(params[0] < 0)
+    params[0].grad[5] = float("inf")
+    opt.step()
+    assert opt.steps_skipped == 1
+
+
 def test_errors():
     p = [torch.nn.Parameter(torch.zeros(3))]
     with pytest.raises(ValueError, match="bottom level"):
