@@ -196,7 +196,7 @@ def test_large_finite_gradients_are_not_skipped(one_pass):
     assert torch.isinf(params[0].grad.sum())
     opt.step()
     assert opt.steps_skipped == 0
-    assert torch.all(params[0] < 0)
+    assert float(opt.state[params[0]]["step"]) == 1  # the step was taken
     params[0].grad[5] = float("inf")
     opt.step()
     assert opt.steps_skipped == 1
