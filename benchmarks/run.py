@@ -141,6 +141,13 @@ def section_parts(args):
         "update kernel": lambda: opt._hg_update_compiled(0, opt._hg_kind(0), None),
         "hyper-gradient kernel": lambda: opt._hg_terms_compiled(0, opt._hg_kind(0), names, lambda *a: None),
     }
+    # the floor of the paper's order: the four arrays the hyper-gradient pass reads (g_t, m, v,
+    # g_{t-1}), summed with no other arithmetic, in one compiled kernel
+    st = [opt.state[p] for p in opt.param_groups[0]["params"]]
+    four = [x for p, s in zip(opt.param_groups[0]["params"], st) for x in (p.grad, s["exp_avg"], s["exp_avg_sq"], s["hg_gprev"])]
+    read4 = _compiled._build(lambda *xs: [sum((xs[i] + xs[i + 1] + xs[i + 2] + xs[i + 3]).sum()
+                                              for i in range(0, len(xs), 4))], four)
+    runs["read of the pass's 4 arrays (no arithmetic)"] = lambda: read4(*four)
     a, b = params(n, args.device)[:2]
     dot = _compiled._build(lambda x, y: [(x * y).sum()], [a, b])
     runs["compiled dot product"] = lambda: dot(a, b)
