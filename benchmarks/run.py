@@ -118,8 +118,8 @@ def stack3(compile, **kw):
     return lambda p: hg.Adam(p, lr=1e-3, hyper=hg.SGD(lr=1e-9, hyper=hg.SGD(lr=1e-12)), compile=compile, **kw)
 
 
-def mada(compile):
-    return lambda p: MADA(p, lr=1e-3, hyper=hg.SGD(lr=1e-9), compile=compile)
+def mada(compile, **kw):
+    return lambda p: MADA(p, lr=1e-3, hyper=hg.SGD(lr=1e-9), compile=compile, **kw)
 
 
 def section_parts(args):
@@ -426,6 +426,8 @@ def main():
     if "mada" in only:
         section_step(args, "mada", torch.optim.AdamW,
                      {"MADA (6 coefficients), compile=True": mada(True),
+                      "MADA (6 coefficients), one_pass=True": mada(True, one_pass=True),
+                      "MADA (6), one_pass, skip_nonfinite=False": mada(True, one_pass=True, skip_nonfinite=False),
                       "MADA (nothing learned), compile=True": lambda p: MADA(p, lr=1e-3, compile=True)},
                      sizes, threads)
     if "parts" in only:

@@ -25,6 +25,7 @@ import dataclasses
 
 import torch
 
+from hypergrad._onepass import MadaOnePass
 from hypergrad.core import Hyper
 from hypergrad.optimizers import AdamW, _HO, _lerp, _on, _positive, _sqrt, _step0
 
@@ -267,6 +268,8 @@ class MADA(_HO):
     @staticmethod
     def hyper_terms(gt, p, s, h, o, names):
         return MADA.hyper_apply(gt, p, s, MADA.hyper_coefficients(h, s["step"], o), o, names)
+
+    one_pass_kernel = MadaOnePass  # one_pass=True on the CPU: hyper-gradient and update in one loop
 
 
 def _mada_bounds(spec):
