@@ -335,7 +335,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         hyperparameters it has and computes, in the same pass over memory, the hyper-gradient of
         the last update; the hyper-steps it drives take effect at step ``t + 1`` (the levels above
         differentiate their update before last). A hand-written kernel makes it one loop for
-        Adam/AdamW on float32 CPU tensors; elsewhere the same order runs in two passes.
+        Adam/AdamW and MADA on float32 CPU tensors; elsewhere the same order runs in two passes.
         ``False`` (default): the paper's order (hyper-steps first, then the update).
     shard_group
         The process group (or ``True``: the default one) over which the parameters of this

@@ -33,10 +33,11 @@ def check(build, targets):
             f"level {level} {name}: ours {ours} fd {fd} (noise {noise:.1e})"
 
 
-@pytest.mark.parametrize("cls", [hg.Adam, hg.AdamW, hg.SGD, hg.RMSprop])
+@pytest.mark.parametrize("cls", [hg.Adam, hg.AdamW, hg.SGD, hg.RMSprop, MADA])
 def test_level1_finite_differences(cls):
     kw = dict(lr=0.01, momentum=0.9) if cls is hg.SGD else \
-        dict(lr=0.01, momentum=0.5) if cls is hg.RMSprop else dict(lr=0.01)
+        dict(lr=0.01, momentum=0.5) if cls is hg.RMSprop else \
+        dict(lr=0.01, beta3=0.3, c=0.7, rho=0.6, gamma=0.8) if cls is MADA else dict(lr=0.01)
 
     def build():
         model = MLP()
