@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import torch
 
-_SRC = r"""
+# what both kernels share: ATen's vector type, a horizontal sum, torch.sign and torch.lerp as
+# ATen computes them, sign bytes, and a mask of the lanes of a vector that lie inside the tensor
+_PRELUDE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
 #include <cmath>
 #include <omp.h>
@@ -39,7 +41,29 @@ using V = at::vec::Vectorized<float>;
 static inline float vsum(const V& x) {
   return at::vec::vec_reduce_all<float>([](V& a, V& b) { return a + b; }, x);
 }
+static inline V vsign(const V& x, const V& zero, const V& one) {  // torch.sign: 0 at 0
+  return V::blendv(zero, one, x > zero) - V::blendv(zero, one, x < zero);
+}
+// torch.lerp's two branches (ATen's lerp_vec, for a scalar weight; wm1 = w - 1)
+static inline V lerp(const V& a, const V& b, const V& w, const V& wm1, bool hi) {
+  return hi ? at::vec::fmadd(wm1, b - a, b) : at::vec::fmadd(w, b - a, a);
+}
+static inline V load_i8(const int8_t* x, int64_t k) {
+  return at::vec::convert<float>(at::vec::Vectorized<int8_t>::loadu(x, k));
+}
+static inline void store_i8(int8_t* x, const V& s, int64_t k) {
+  at::vec::convert<int8_t>(s).store(x, k);
+}
+// the first k lanes (the lanes of a last, partial vector past the end hold zeros, which make
+// 0 * inf where eps = 0: the sums leave them out)
+static inline V lanes(int64_t k) {
+  float ones[V::size()];
+  for (int64_t j = 0; j < V::size(); ++j) ones[j] = 1.f;
+  return V::loadu(ones, k) > V(0.f);
+}
+"""
 
+_SRC = _PRELUDE + r"""
 // c: 0 isb2, 1 eps (last), 2 ieps, 3 ib1, 4 k1, 5 ib2, 6 k2, 7 sa,
 //    8 w1, 9 b2, 10 w2, 11 ibc2_sqrt, 12 eps (now), 13 step_size, 14 decay, 15 sign of g
 extern "C" void kernel(float* p, const float* g, float* m, float* v, float* gs, double* out,
@@ -48,12 +72,10 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* gs, 
   const bool lerp_hi = flags & 2;   // torch.lerp's branch for weights >= 0.5
   const V isb2(c[0]), eps0(c[1]), ieps(c[2]), ib1(c[3]), k1(c[4]), ib2(c[5]), k2(c[6]), sa(c[7]);
   const V w1(c[8]), b2(c[9]), w2(c[10]), ibc2s(c[11]), eps1(c[12]), ss(c[13]), decay(c[14]), sg(c[15]);
-  const V om1(1.0f - (float)c[8]);
   const V zero(0.f), one(1.f), half_c(0.5f * (float)c[0]);
+  const V w1m1 = w1 - one;
   const int64_t B = 4096, L = V::size();
   const int64_t nb = (n + B - 1) / B;
-  float ones[V::size()];
-  for (int64_t j = 0; j < L; ++j) ones[j] = 1.f;
   double S0 = 0, S1 = 0, S2 = 0, S3 = 0;
   #pragma omp parallel for num_threads(nthreads) reduction(+:S0,S1,S2,S3) schedule(static)
   for (int64_t b = 0; b < nb; ++b) {
@@ -76,14 +98,14 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* gs, 
       V t1 = gt * inv_d * ((mi - gp) * ib1 + mi * k1);
       V t2 = t0 * inv_d * half * ((vi - gp * gp) * ib2 + vi * k2);
       V t3 = dec ? gt * (pi + sa * a) : zero;
-      if (k < L) {  // the lanes past the end hold zeros, which can make 0 * inf (eps = 0)
-        const V in = V::loadu(ones, k) > zero;
+      if (k < L) {
+        const V in = lanes(k);
         t0 = V::blendv(zero, t0, in); t1 = V::blendv(zero, t1, in);
         t2 = V::blendv(zero, t2, in); t3 = V::blendv(zero, t3, in);
       }
       s0 = s0 + t0; s1 = s1 + t1; s2 = s2 + t2; s3 = s3 + t3;
       // this step's update (Adam.apply)
-      const V m2 = lerp_hi ? gt - (gt - mi) * om1 : mi + w1 * (gt - mi);
+      const V m2 = lerp(mi, gt, w1, w1m1, lerp_hi);
       const V v2 = vi * b2 + w2 * gt * gt;
       const V den = v2.sqrt() * ibc2s + eps1;
       const V p1 = dec ? pi * decay : pi;
@@ -94,52 +116,64 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* gs, 
     }
     S0 += vsum(s0); S1 += vsum(s1); S2 += vsum(s2); S3 += vsum(s3);
   }
-  out[0] = S0; out[1] = S1; out[2] = S2; out[3] = S3;
+  out[0] += S0; out[1] += S1; out[2] += S2; out[3] += S3;
 }
 """
 
-_KERNEL = None
+_KERNELS: dict = {}
 
 
-def _kernel():
-    global _KERNEL
-    if _KERNEL is None:
+def _load(src: str, argtypes: list):
+    """The kernel of ``src``, compiled on first use (inductor's C++ toolchain and disk cache)."""
+    k = _KERNELS.get(src)
+    if k is None:
         from torch._inductor.codecache import CppPythonBindingsCodeCache
-        _KERNEL = CppPythonBindingsCodeCache.load_pybinding(
-            ["float*", "const float*", "float*", "float*", "float*", "double*", "const double*",
-             "int64_t", "int64_t", "int64_t"], _SRC)
-    return _KERNEL
+        k = _KERNELS[src] = CppPythonBindingsCodeCache.load_pybinding(argtypes, src)
+    return k
 
 
-def applies(params, grads, states) -> bool:
-    """Whether the kernel can run on these tensors: CPU, float32, dense and contiguous, the
-    state of the same layout."""
+def _applies(params, grads, states, keys, byte_keys=()) -> bool:
+    """Whether a kernel can run on these tensors: ``p``, ``g`` and the state's ``keys`` float32
+    and ``byte_keys`` int8, all CPU, dense, contiguous, of ``p``'s size, and distinct buffers
+    (the kernel writes them in place)."""
     for p, g, st in zip(params, grads, states):
-        for x in (p, g, st["exp_avg"], st["exp_avg_sq"], st["hg_gprev"]):
-            if x.device.type != "cpu" or x.dtype != torch.float32 or x.layout != torch.strided \
-                    or not x.is_contiguous() or x.numel() != p.numel():
+        n = p.numel()
+        xs = [p, g] + [st.get(key) for key in keys]
+        bs = [st.get(key) for key in byte_keys]
+        for x, dtype in [(x, torch.float32) for x in xs] + [(x, torch.int8) for x in bs]:
+            if x is None or x.device.type != "cpu" or x.dtype != dtype or x.layout != torch.strided \
+                    or not x.is_contiguous() or x.numel() != n:
                 return False
+        if len({x.data_ptr() for x in xs + bs}) != len(xs) + len(bs):
+            return False
     return True
 
 
-def adam(params, grads, states, hc: dict, c: dict, opts: dict) -> list:
-    """Run the kernel over every tensor of a group; return the group's sums S0..S3 (float64)."""
-    k = _kernel()
-    dec = bool(opts["wd"] and opts["decoupled"])
-    w1 = float(c["w1"])
-    consts = torch.tensor([float(hc["isb2"]), float(hc["eps"]), float(hc["ieps"]), float(hc["ib1"]),
-                           float(hc["k1"]), float(hc["ib2"]), float(hc["k2"]), float(hc["sa"]),
-                           w1, float(c["b2"]), float(c["w2"]), float(c["ibc2_sqrt"]), float(c["eps"]),
-                           float(c["step_size"]), float(c["decay"]) if dec else 1.0,
-                           -1.0 if opts.get("maximize") else 1.0], dtype=torch.float64)
-    flags = int(dec) | (2 if w1 >= 0.5 else 0)
+def _sweep(kernel, params, grads, states, keys, consts: list, flags: int, nsums: int) -> list:
+    """Run ``kernel`` over every tensor of a group; return the group's sums (float64)."""
+    consts = torch.tensor(consts, dtype=torch.float64)
+    out = torch.zeros(nsums, dtype=torch.float64)  # the kernel adds its sums to it
     nt = torch.get_num_threads()
-    total = torch.zeros(4, dtype=torch.float64)
-    out = torch.empty(4, dtype=torch.float64)
     for p, g, st in zip(params, grads, states):
-        k(p, g, st["exp_avg"], st["exp_avg_sq"], st["hg_gprev"], out, consts, p.numel(), flags, nt)
-        total += out
-    return total
+        kernel(p, g, *(st[key] for key in keys), out, consts, p.numel(), flags, nt)
+    return out.tolist()
+
+
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq", "hg_gprev")
+_ADAM_ARGS = ["float*", "const float*", "float*", "float*", "float*", "double*", "const double*",
+              "int64_t", "int64_t", "int64_t"]
+
+
+def adam(params, grads, states, hc: dict, c: dict, opts: dict) -> list:
+    """Run the kernel over every tensor of a group (the scalars ``hc``, ``c`` as floats); return
+    the group's sums S0..S3."""
+    dec = bool(opts["wd"] and opts["decoupled"])
+    w1 = c["w1"]
+    consts = [hc["isb2"], hc["eps"], hc["ieps"], hc["ib1"], hc["k1"], hc["ib2"], hc["k2"], hc["sa"],
+              w1, c["b2"], c["w2"], c["ibc2_sqrt"], c["eps"], c["step_size"], c["decay"] if dec else 1.0,
+              -1.0 if opts.get("maximize") else 1.0]
+    return _sweep(_load(_SRC, _ADAM_ARGS), params, grads, states, _ADAM_KEYS, consts,
+                  int(dec) | (2 if w1 >= 0.5 else 0), 4)
 
 
 class AdamOnePass:
@@ -152,49 +186,30 @@ class AdamOnePass:
         # AMSGrad, coupled weight decay and the other learnable names keep the two-pass path
         return not opts["amsgrad"] and not (opts["wd"] and not opts["decoupled"]) and set(names) <= AdamOnePass.NAMES
 
-    applies = staticmethod(applies)
+    @staticmethod
+    def applies(params, grads, states) -> bool:
+        return _applies(params, grads, states, _ADAM_KEYS)
 
     @staticmethod
     def run(params, grads, states, hc: dict, c: dict, opts: dict, names) -> dict:
+        """Update the group in place; return the hyper-gradients of ``names`` (floats)."""
         s = adam(params, grads, states, hc, c, opts)
         out = {}
         if "lr" in names:
-            lr = -float(hc["ibc1"]) * s[0]
+            lr = -hc["ibc1"] * s[0]
             if opts["wd"] and opts["decoupled"]:
-                lr = lr - float(hc["wd"]) * float(hc["idecay"]) * s[3]
+                lr = lr - hc["wd"] * hc["idecay"] * s[3]
             out["lr"] = lr
         if "beta1" in names:
-            out["beta1"] = -float(hc["sa"]) * s[1]
+            out["beta1"] = -hc["sa"] * s[1]
         if "beta2" in names:
-            out["beta2"] = float(hc["sa"]) * s[2]
+            out["beta2"] = hc["sa"] * s[2]
         return out
 
 
 # --- MADA -------------------------------------------------------------------------------------
 
-_MADA_SRC = r"""
-#include <torch/csrc/inductor/cpp_prefix.h>
-#include <cmath>
-#include <omp.h>
-using V = at::vec::Vectorized<float>;
-
-static inline float vsum(const V& x) {
-  return at::vec::vec_reduce_all<float>([](V& a, V& b) { return a + b; }, x);
-}
-static inline V vsign(const V& x, const V& zero, const V& one) {  // torch.sign: 0 at 0
-  return V::blendv(zero, one, x > zero) - V::blendv(zero, one, x < zero);
-}
-// torch.lerp's two branches (ATen's lerp_vec, for a scalar weight)
-static inline V lerp(const V& a, const V& b, const V& w, const V& wm1, bool hi) {
-  return hi ? at::vec::fmadd(wm1, b - a, b) : at::vec::fmadd(w, b - a, a);
-}
-static inline V load_i8(const int8_t* x, int64_t k) {
-  return at::vec::convert<float>(at::vec::Vectorized<int8_t>::loadu(x, k));
-}
-static inline void store_i8(int8_t* x, const V& s, int64_t k) {
-  at::vec::convert<int8_t>(s).store(x, k);
-}
-
+_MADA_SRC = _PRELUDE + r"""
 // c: the last update's closed-form scalars (from MADA.hyper_coefficients; MadaOnePass.run)
 //    0 b3, 1 1/(1 - b3), 2 1/b1 + k1, 3 (1 - b1)/b1 + 1, 4 c, 5 1 - c, 6 1 - b2, 7 iv0, 8 c (as 1 - wc),
 //    9 1/bc1, 10 b3/bc3, 11 rho/bc2, 12 (1 - rho)/bc2, 13 eps, 14 1/eps, 15 mix, 16 k2,
@@ -204,7 +219,7 @@ static inline void store_i8(int8_t* x, const V& s, int64_t k) {
 //    36 1/bc3 (1: reference), 37 1/bc1, 38 eps, 39 lion b2, 40 lion w2, 41 lion b1, 42 lion w1,
 //    43 decay, 44 lr, 45 gamma, 46 wgamma, 47 sign of g
 // flags: 1 weight decay, 2 reference variant, 4 lerp of m high, 8 lerp of n high
-// out: ten sums over the elements (MadaOnePass.run turns them into the hyper-gradients)
+// out: ten sums over the elements, added to (MadaOnePass.run turns them into the hyper-gradients)
 extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, float* vm, float* lm,
                        float* gs, float* n0, int8_t* ys, int8_t* ls, double* out, const double* c,
                        int64_t len, int64_t flags, int64_t nthreads) {
@@ -222,8 +237,6 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, f
   const V w1m1 = w1 - one, w3m1 = w3 - one;
   const int64_t B = 4096, L = V::size();
   const int64_t nb = (len + B - 1) / B;
-  float ones[V::size()];
-  for (int64_t j = 0; j < L; ++j) ones[j] = 1.f;
   constexpr int NS = 10;
   double S[NS] = {0};
   #pragma omp parallel for num_threads(nthreads) reduction(+:S[:NS]) schedule(static)
@@ -261,8 +274,8 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, f
                    e * ((hc1 * v0 - gm) * mix + vh * k2),
                    a * (ni * K3 + (nold - diff) * J3), e * (mixc * gh * diff),
                    e * (gh2 * (one - sig) - v0), e * (vi - vmi), t0 * inv_d};
-        if (k < L) {  // the lanes past the end hold zeros, which can make 0 * inf (eps = 0)
-          const V in = V::loadu(ones, k) > zero;
+        if (k < L) {
+          const V in = lanes(k);
           for (int j = 0; j < NS; ++j) t[j] = V::blendv(zero, t[j], in);
         }
         for (int j = 0; j < NS; ++j) s[j] = s[j] + t[j];
@@ -297,27 +310,14 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, f
     }
     for (int j = 0; j < NS; ++j) S[j] += vsum(s[j]);
   }
-  for (int j = 0; j < NS; ++j) out[j] = S[j];
+  for (int j = 0; j < NS; ++j) out[j] += S[j];
 }
 """
 
-_MADA_KERNEL = None
 _MADA_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "v_mean", "lion_exp_avg", "previous_grad", "hg_n")
-
-
-def _mada_kernel():
-    global _MADA_KERNEL
-    if _MADA_KERNEL is None:
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-        _MADA_KERNEL = CppPythonBindingsCodeCache.load_pybinding(
-            ["float*", "const float*"] + ["float*"] * 7 + ["int8_t*", "int8_t*", "double*", "const double*",
-                                                          "int64_t", "int64_t", "int64_t"], _MADA_SRC)
-    return _MADA_KERNEL
-
-
-def _plain(x, numel, dtype) -> bool:
-    return x.device.type == "cpu" and x.dtype == dtype and x.layout == torch.strided and x.is_contiguous() \
-        and x.numel() == numel
+_MADA_BYTES = ("hg_ysign", "hg_sign")
+_MADA_ARGS = ["float*", "const float*"] + ["float*"] * 7 + ["int8_t*", "int8_t*", "double*", "const double*",
+                                                        "int64_t", "int64_t", "int64_t"]
 
 
 class MadaOnePass:
@@ -333,23 +333,12 @@ class MadaOnePass:
 
     @staticmethod
     def applies(params, grads, states) -> bool:
-        for p, g, st in zip(params, grads, states):
-            n = p.numel()
-            xs = [p, g] + [st.get(key) for key in _MADA_KEYS]
-            if any(x is None or not _plain(x, n, torch.float32) for x in xs):
-                return False
-            signs = [st.get("hg_ysign"), st.get("hg_sign")]
-            if any(x is None or not _plain(x, n, torch.int8) for x in signs):
-                return False
-            ptrs = {x.data_ptr() for x in xs + signs}
-            if len(ptrs) != len(xs) + 2:  # the kernel writes each buffer in place: no aliases
-                return False
-        return True
+        return _applies(params, grads, states, _MADA_KEYS, _MADA_BYTES)
 
     @staticmethod
     def run(params, grads, states, hc: dict, c: dict, opts: dict, names) -> dict:
-        f = {k: float(x) for k, x in hc.items()}
-        e = {k: float(x) for k, x in c.items()}
+        """Update the group in place; return the hyper-gradients of ``names`` (floats)."""
+        f, e = hc, c  # the last update's scalars, this one's (floats)
         ref, dec = bool(opts["reference"]), bool(opts["wd"])
         ibc3, k3 = (1.0, 0.0) if ref else (f["ibc3"], f["k3"])
         # the weight of v in v_hat (running mean included), over the bias correction
@@ -362,16 +351,8 @@ class MadaOnePass:
                   e["lb1"], e["wl1"], e["decay"] if dec else 1.0, e["lr"], e["gamma"], e["wgamma"],
                   -1.0 if opts.get("maximize") else 1.0]
         flags = int(dec) | (2 if ref else 0) | (4 if e["w1"] >= 0.5 else 0) | (8 if e["w3"] >= 0.5 else 0)
-        k = _mada_kernel()
-        consts = torch.tensor(consts, dtype=torch.float64)
-        nt = torch.get_num_threads()
-        s = torch.zeros(10, dtype=torch.float64)
-        out = torch.empty(10, dtype=torch.float64)
-        for p, g, st in zip(params, grads, states):
-            k(p, g, *(st[key] for key in _MADA_KEYS), st["hg_ysign"], st["hg_sign"], out, consts, p.numel(),
-              flags, nt)
-            s += out
-        s = s.tolist()
+        s = _sweep(_load(_MADA_SRC, _MADA_ARGS), params, grads, states, _MADA_KEYS + _MADA_BYTES, consts,
+                   flags, 10)
         # the sums: 0 g adam, 1 g lion, 2 g x, 3 beta1's, 4 beta2's, 5 and 6 beta3's two terms, 7 c's,
         # 8 rho's, 9 eps's (kernel comments); with lr gamma g_t d adam / d v_hat = -e / 2
         lr, gam, wv = f["lr"], f["gamma"], mix * f["w2"]
@@ -383,4 +364,4 @@ class MadaOnePass:
                "beta1": -lr * gam * f["ibc1"] * s[3], "beta2": 0.5 * lr * gam * s[4],
                "beta3": -lr * gam * s[5] + lr * gam * wv * s[6], "c": 0.5 * lr * gam * wv * s[7],
                "rho": 0.5 * lr * gam * f["ibc2"] * s[8], "eps": lr * gam * s[9]}
-        return {n: torch.tensor(res[n], dtype=torch.float64) for n in names}
+        return {n: res[n] for n in names}

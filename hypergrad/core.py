@@ -349,8 +349,10 @@ class HyperOptimizer(torch.optim.Optimizer):
     # names whose hyper-gradient is identically 0 (they act only through sign(), say)
     zero_hypergrad_names: ClassVar[tuple[str, ...]] = ()
     # for one_pass=True: an object with covers(opts, names), applies(params, grads, states) and
-    # run(params, grads, states, hyper_coefficients, coefficients, opts, names) -> {name: sum}
-    # that makes the update and the hyper-gradient's sums in one pass (hypergrad/_onepass.py)
+    # run(params, grads, states, hyper_coefficients, coefficients, opts, names) -> {name: float},
+    # given the rule's scalars as floats,
+    # that makes the update in place and returns the hyper-gradients, in one pass over memory
+    # (hypergrad/_onepass.py)
     one_pass_kernel: ClassVar[Any] = None
 
     # ---------------------------------------------------------------- rule interface
@@ -1243,11 +1245,15 @@ class HyperOptimizer(torch.optim.Optimizer):
         import torch.distributed as dist
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
-    def _hg_group_scalars(self, gi, attr, ahead):
+    def _hg_group_scalars(self, gi, attr, ahead, floats=False):
         """The rule's scalars ``attr`` (``coefficients`` for the update, with the values now;
         ``hyper_coefficients`` for the closed form, with the values recorded at the last step),
         computed once for group ``gi`` where every tensor has a state with the same step count
-        and the same single values; else None (each tensor then computes its own)."""
+        and the same single values; else None (each tensor then computes its own).
+
+        ``floats``: as Python floats (double precision, no tensor operations: a one-pass kernel
+        takes its scalars as numbers); with tensors where a float division by zero stops that
+        (a tensor gives inf)."""
         if getattr(type(self), attr, None) is None or any(len(hv.value) != 1 for hv in self._hg_vars[gi].values()):
             return None
         params = self.param_groups[gi]["params"]
@@ -1270,7 +1276,14 @@ class HyperOptimizer(torch.optim.Optimizer):
             if h is None or any(r is None or r["kind"] != "closed" or (r["h"] is not h and any(
                     r["h"][n] is not x for n, x in h.items())) for r in recs):
                 return None
-        return getattr(self, attr)(h, step + ahead, self._hg_opts[gi])
+        fn = getattr(self, attr)
+        if floats:
+            try:
+                return {k: float(x) for k, x in fn({n: float(x) for n, x in h.items()}, float(step) + ahead,
+                                                   self._hg_opts[gi]).items()}
+            except (ZeroDivisionError, OverflowError):
+                return {k: float(x) for k, x in fn(h, step + ahead, self._hg_opts[gi]).items()}
+        return fn(h, step + ahead, self._hg_opts[gi])
 
     def _hg_common_step(self, gi, states, attr="coefficients"):
         """The group's step tensor where the rule computes its scalars once per group (it has
@@ -1348,14 +1361,15 @@ class HyperOptimizer(torch.optim.Optimizer):
             grads.append(p.grad)
         if not fn.applies(params, grads, states):
             return False
-        hc = self._hg_group_scalars(gi, "hyper_coefficients", 0)
-        c = self._hg_group_scalars(gi, "coefficients", 1)
+        hc = self._hg_group_scalars(gi, "hyper_coefficients", 0, floats=True)
+        c = self._hg_group_scalars(gi, "coefficients", 1, floats=True)
         if hc is None or c is None:
             return False
         h = states[0][_RECORD]["h"]
         sums = fn.run(params, grads, states, hc, c, opts, names)
         for n, val in sums.items():
-            add(vars[n], 0, h[n], val.to(vars[n].value[0].dtype))
+            v = vars[n].value[0]
+            add(vars[n], 0, h[n], torch.tensor(val, dtype=v.dtype, device=v.device))
         torch._foreach_add_([st["step"] for st in states], 1)
         rec = {"kind": "closed", "h": {n: hv.value[0].detach().clone() for n, hv in vars.items()}, "mask": None}
         for st in states:
