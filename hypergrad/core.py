@@ -349,10 +349,9 @@ class HyperOptimizer(torch.optim.Optimizer):
     # names whose hyper-gradient is identically 0 (they act only through sign(), say)
     zero_hypergrad_names: ClassVar[tuple[str, ...]] = ()
     # for one_pass=True: an object with covers(opts, names), applies(params, grads, states) and
-    # run(params, grads, states, hyper_coefficients, coefficients, opts, names) -> {name: float},
-    # given the rule's scalars as floats,
-    # that makes the update in place and returns the hyper-gradients, in one pass over memory
-    # (hypergrad/_onepass.py)
+    # run(params, grads, states, hyper_coefficients, coefficients, opts, names) -> {name: float}
+    # that, given the rule's scalars as floats, makes the update in place and returns the
+    # hyper-gradients, in one pass over memory (hypergrad/_onepass.py)
     one_pass_kernel: ClassVar[Any] = None
 
     # ---------------------------------------------------------------- rule interface
@@ -1276,14 +1275,14 @@ class HyperOptimizer(torch.optim.Optimizer):
             if h is None or any(r is None or r["kind"] != "closed" or (r["h"] is not h and any(
                     r["h"][n] is not x for n, x in h.items())) for r in recs):
                 return None
-        fn = getattr(self, attr)
-        if floats:
-            try:
-                return {k: float(x) for k, x in fn({n: float(x) for n, x in h.items()}, float(step) + ahead,
-                                                   self._hg_opts[gi]).items()}
-            except (ZeroDivisionError, OverflowError):
-                return {k: float(x) for k, x in fn(h, step + ahead, self._hg_opts[gi]).items()}
-        return fn(h, step + ahead, self._hg_opts[gi])
+        fn, opts = getattr(self, attr), self._hg_opts[gi]
+        if not floats:
+            return fn(h, step + ahead, opts)
+        try:
+            out = fn({n: float(x) for n, x in h.items()}, float(step) + ahead, opts)
+        except (ZeroDivisionError, OverflowError):  # where a tensor gives inf
+            out = fn(h, step + ahead, opts)
+        return {k: float(x) for k, x in out.items()}
 
     def _hg_common_step(self, gi, states, attr="coefficients"):
         """The group's step tensor where the rule computes its scalars once per group (it has

@@ -25,9 +25,10 @@ import dataclasses
 
 import torch
 
-from hypergrad._onepass import MadaOnePass
 from hypergrad.core import Hyper
 from hypergrad.optimizers import AdamW, _HO, _lerp, _on, _positive, _sqrt, _step0
+
+from ._onepass import MadaOnePass
 
 __all__ = ["MADA", "HyperAdam", "COEFFICIENTS", "VARIANTS"]
 

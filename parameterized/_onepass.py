@@ -1,0 +1,172 @@
+"""MADA's one-pass kernel: with ``one_pass=True`` on float32 CPU tensors, the hyper-gradient of
+the last update (``MADA.hyper_apply``) and this step's update (``MADA.apply``) in one loop, as
+``hypergrad/_onepass.py`` does for the Adam family (whose prelude, loader and sweep it uses).
+
+The kernel reads ``p, g`` and the state ``m, v, n, v_mean, m_lion, g_prev``, ``n_{s-1}`` and the
+two sign bytes the closed form saved, and writes all of them back (17 float passes and 4 byte passes, against a fused AdamW step's 7).
+Its ten sums and the scalars taken out of them are in its C++ comments and ``MadaOnePass.run``.
+Scalar divisions of the update (by ``t`` and the bias corrections) are multiplications by
+reciprocals here, so the kernel's parameters can differ from the eager path's in the last bit;
+the sign decisions (Yogi's, Lion's) do not involve them.
+"""
+
+from __future__ import annotations
+
+from hypergrad._onepass import _PRELUDE, _applies, _load, _sweep
+
+_MADA_SRC = _PRELUDE + r"""
+// c: the last update's closed-form scalars (from MADA.hyper_coefficients; MadaOnePass.run)
+//    0 b3, 1 1/(1 - b3), 2 1/b1 + k1, 3 (1 - b1)/b1 + 1, 4 c, 5 1 - c, 6 1 - b2, 7 iv0, 8 c (as 1 - wc),
+//    9 1/bc1, 10 b3/bc3, 11 rho/bc2, 12 (1 - rho)/bc2, 13 eps, 14 1/eps, 15 mix, 16 k2,
+//    17 (1 + b3 k3)/bc3, 18 b3/bc3
+//    this update's scalars (MADA.coefficients)
+//    24 b3, 25 w3, 26 c, 27 wc, 28 w1, 29 b2, 30 w2, 31 1/t, 32 t - 1, 33 rho, 34 wrho, 35 1/bc2,
+//    36 1/bc3 (1: reference), 37 1/bc1, 38 eps, 39 lion b2, 40 lion w2, 41 lion b1, 42 lion w1,
+//    43 decay, 44 lr, 45 gamma, 46 wgamma, 47 sign of g
+// flags: 1 weight decay, 2 reference variant, 4 lerp of m high, 8 lerp of n high
+// out: ten sums over the elements, added to (MadaOnePass.run turns them into the hyper-gradients)
+extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, float* vm, float* lm,
+                       float* gs, float* n0, int8_t* ys, int8_t* ls, double* out, const double* c,
+                       int64_t len, int64_t flags, int64_t nthreads) {
+  const bool dec = flags & 1, ref = flags & 2, mhi = flags & 4, nhi = flags & 8;
+  const V zero(0.f), one(1.f);
+  // the last update
+  const V hb3(c[0]), iw3(c[1]), A1(c[2]), B1(c[3]), hc(c[4]), hwc(c[5]), hw2(c[6]), iv0(c[7]);
+  const V hc1(c[8]), ibc1(c[9]), nb3(c[10]), vr(c[11]), vmr(c[12]), heps(c[13]), ieps(c[14]);
+  const V mix(c[15]), k2(c[16]), K3(c[17]), J3(c[18]);
+  // this update
+  const V b3(c[24]), w3(c[25]), cc(c[26]), wc(c[27]), w1(c[28]), b2(c[29]), w2(c[30]), it(c[31]);
+  const V tm1(c[32]), rho(c[33]), wrho(c[34]), ibc2n(c[35]), ibc3n(c[36]), ibc1n(c[37]), eps(c[38]);
+  const V lb2(c[39]), wl2(c[40]), lb1(c[41]), wl1(c[42]), decay(c[43]), lr(c[44]), gam(c[45]);
+  const V wgam(c[46]), sg(c[47]);
+  const V w1m1 = w1 - one, w3m1 = w3 - one;
+  const int64_t B = 4096, L = V::size();
+  const int64_t nb = (len + B - 1) / B;
+  constexpr int NS = 10;
+  double S[NS] = {0};
+  #pragma omp parallel for num_threads(nthreads) reduction(+:S[:NS]) schedule(static)
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t lo = b * B, hi = std::min(len, lo + B);
+    V s[NS];
+    for (int j = 0; j < NS; ++j) s[j] = zero;
+    for (int64_t i = lo; i < hi; i += L) {
+      const int64_t k = std::min(L, hi - i);
+      const V gt = sg * V::loadu(g + i, k);
+      const V pi = V::loadu(p + i, k), mi = V::loadu(m + i, k), vi = V::loadu(v + i, k);
+      const V ni = V::loadu(n + i, k), vmi = V::loadu(vm + i, k), lmi = V::loadu(lm + i, k);
+      const V gp = V::loadu(gs + i, k), nold = V::loadu(n0 + i, k);
+      const V sig = load_i8(ys + i, k), lion0 = load_i8(ls + i, k);
+      // the hyper-gradient of the last update: MADA.hyper_apply with its scalar factors taken
+      // out of the sums. m_{s-1}, v_{s-1} and g_s - g_{s-1} rebuilt from the state; with
+      // a = g_t / (sqrt(v_hat) + eps) and e = g_t adam / (sqrt(v_hat) (sqrt(v_hat) + eps)),
+      // d adam / d v_hat = -adam / (2 sqrt(v_hat) (sqrt(v_hat) + eps)) is -e / 2 per g_t
+      {
+        const V diff = (ni - hb3 * nold) * iw3;
+        const V gh = gp + hb3 * diff;
+        const V gh2 = gh * gh;
+        const V mixc = hc + hwc * sig;
+        const V gm = gh2 * mixc;
+        const V v0 = (vi - hw2 * gm) * iv0;
+        const V vh = vi * vr + vmi * vmr;
+        const V r = vh.sqrt();
+        const V pos = r > zero;
+        const V q = one / V::blendv(one, r * (r + heps), pos);
+        const V inv_d = V::blendv(ieps, r * q, pos);
+        const V a = gt * inv_d;
+        const V t0 = a * (mi * ibc1 + ni * nb3);
+        const V e = V::blendv(zero, t0 * q, pos);
+        V t[NS] = {t0, gt * lion0, gt * pi, a * (mi * A1 - gp * B1),
+                   e * ((hc1 * v0 - gm) * mix + vh * k2),
+                   a * (ni * K3 + (nold - diff) * J3), e * (mixc * gh * diff),
+                   e * (gh2 * (one - sig) - v0), e * (vi - vmi), t0 * inv_d};
+        if (k < L) {
+          const V in = lanes(k);
+          for (int j = 0; j < NS; ++j) t[j] = V::blendv(zero, t[j], in);
+        }
+        for (int j = 0; j < NS; ++j) s[j] = s[j] + t[j];
+      }
+      // this step's update (MADA.apply)
+      const V diff = gt - gp;
+      const V gh = gt + b3 * diff;
+      const V gh2 = gh * gh;
+      const V ysign = vsign(gh2 - vi, zero, one);
+      const V g2 = cc * gh2 + wc * (vi + gh2 * ysign);
+      const V m2 = lerp(mi, gt, w1, w1m1, mhi);
+      const V v2 = vi * b2 + w2 * g2;
+      const V n2 = lerp(ni, diff, w3, w3m1, nhi);
+      const V vm2 = (v2 + tm1 * vmi) * it;
+      const V vh = (rho * v2 + wrho * vm2) * ibc2n;
+      const V nh = n2 * ibc3n;
+      const V adam = (m2 * ibc1n + b3 * nh) / (vh.sqrt() + eps);
+      const V lm2 = lmi * lb2 + wl2 * gt;
+      const V u = (ref ? lm2 : lmi) * lb1 + wl1 * gt;
+      const V lion = vsign(u, zero, one);
+      const V p1 = dec ? pi * decay : pi;
+      (p1 - lr * (gam * adam + wgam * lion)).store(p + i, k);
+      m2.store(m + i, k);
+      v2.store(v + i, k);
+      n2.store(n + i, k);
+      vm2.store(vm + i, k);
+      lm2.store(lm + i, k);
+      gt.store(gs + i, k);
+      ni.store(n0 + i, k);
+      store_i8(ys + i, ysign, k);
+      store_i8(ls + i, lion, k);
+    }
+    for (int j = 0; j < NS; ++j) S[j] += vsum(s[j]);
+  }
+  for (int j = 0; j < NS; ++j) out[j] += S[j];
+}
+"""
+
+_MADA_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "v_mean", "lion_exp_avg", "previous_grad", "hg_n")
+_MADA_BYTES = ("hg_ysign", "hg_sign")
+_MADA_ARGS = ["float*", "const float*"] + ["float*"] * 7 + ["int8_t*", "int8_t*", "double*", "const double*",
+                                                        "int64_t", "int64_t", "int64_t"]
+
+
+class MadaOnePass:
+    """The one-pass kernel of ``MADA`` (``HyperOptimizer.one_pass_kernel``): reads ``p, g`` and the
+    state ``m, v, n, v_mean, m_lion, g_prev`` with what the closed form saved (``n_{s-1}``, Yogi's
+    and Lion's signs), writes them back, and returns the closed form's sums (float64)."""
+
+    NAMES = frozenset({"lr", "beta1", "beta2", "beta3", "c", "rho", "gamma", "eps", "weight_decay"})
+
+    @staticmethod
+    def covers(opts: dict, names) -> bool:
+        return set(names) <= MadaOnePass.NAMES
+
+    @staticmethod
+    def applies(params, grads, states) -> bool:
+        return _applies(params, grads, states, _MADA_KEYS, _MADA_BYTES)
+
+    @staticmethod
+    def run(params, grads, states, hc: dict, c: dict, opts: dict, names) -> dict:
+        """Update the group in place; return the hyper-gradients of ``names`` (floats)."""
+        f, e = hc, c  # the last update's scalars, this one's (floats)
+        ref, dec = bool(opts["reference"]), bool(opts["wd"])
+        ibc3, k3 = (1.0, 0.0) if ref else (f["ibc3"], f["k3"])
+        # the weight of v in v_hat (running mean included), over the bias correction
+        mix = (f["rho"] if ref else f["rho"] + f["wrho"] * f["it"]) * f["ibc2"]
+        consts = [f["b3"], f["iw3"], f["ib1"] + f["k1"], f["w1"] * f["ib1"] + 1.0, f["c"], f["wc"], f["w2"],
+                  f["iv0"], 1.0 - f["wc"], f["ibc1"], f["b3"] * ibc3, f["rho"] * f["ibc2"], f["wrho"] * f["ibc2"],
+                  f["eps"], f["ieps"], mix, f["k2"], ibc3 * (1.0 + f["b3"] * k3), f["b3"] * ibc3] + [0.0] * 5 + \
+                 [e["b3"], e["w3"], e["c"], e["wc"], e["w1"], e["b2"], e["w2"], e["it"], e["tm1"], e["rho"],
+                  e["wrho"], e["ibc2"], 1.0 if ref else e["ibc3"], e["ibc1"], e["eps"], e["lb2"], e["wl2"],
+                  e["lb1"], e["wl1"], e["decay"] if dec else 1.0, e["lr"], e["gamma"], e["wgamma"],
+                  -1.0 if opts.get("maximize") else 1.0]
+        flags = int(dec) | (2 if ref else 0) | (4 if e["w1"] >= 0.5 else 0) | (8 if e["w3"] >= 0.5 else 0)
+        s = _sweep(_load(_MADA_SRC, _MADA_ARGS), params, grads, states, _MADA_KEYS + _MADA_BYTES, consts,
+                   flags, 10)
+        # the sums: 0 g adam, 1 g lion, 2 g x, 3 beta1's, 4 beta2's, 5 and 6 beta3's two terms, 7 c's,
+        # 8 rho's, 9 eps's (kernel comments); with lr gamma g_t d adam / d v_hat = -e / 2
+        lr, gam, wv = f["lr"], f["gamma"], mix * f["w2"]
+        direction = gam * s[0] + f["wgamma"] * s[1]
+        idecay = 1.0 / f["decay"] if dec else 1.0
+        xprev = idecay * (s[2] + lr * direction)  # the sum of g_t x_{s-1}
+        res = {"lr": -(direction + f["wd"] * xprev) if dec else -direction,
+               "weight_decay": -lr * xprev, "gamma": -lr * (s[0] - s[1]),
+               "beta1": -lr * gam * f["ibc1"] * s[3], "beta2": 0.5 * lr * gam * s[4],
+               "beta3": -lr * gam * s[5] + lr * gam * wv * s[6], "c": 0.5 * lr * gam * wv * s[7],
+               "rho": 0.5 * lr * gam * f["ibc2"] * s[8], "eps": lr * gam * s[9]}
+        return {n: res[n] for n in names}
