@@ -198,3 +198,53 @@ class AdamOnePass:
         if "beta2" in names:
             out["beta2"] = hc["sa"] * s[2]
         return out
+
+
+# --- the finiteness check of the gradients ---------------------------------------------------
+
+# the largest |x| of float32 x as the bits say it (integer operations, unaffected by any
+# floating-point flag): inf is 0x7f800000 and NaN above, every finite value below. One read.
+_FINITE_SRC = _PRELUDE + r"""
+extern "C" void kernel(const int32_t* x, int64_t n, int64_t* bad, int64_t nthreads) {
+  using VI = at::vec::Vectorized<int32_t>;
+  const VI absm(0x7fffffff);
+  const int64_t B = 16384, L = VI::size();
+  const int64_t nb = (n + B - 1) / B;
+  int32_t top = 0;
+  #pragma omp parallel for num_threads(nthreads) reduction(max:top) schedule(static)
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t lo = b * B, hi = std::min(n, lo + B);
+    VI a0(0), a1(0), a2(0), a3(0);  // four chains: more loads in flight (1.2x over one)
+    int64_t i = lo;
+    for (; i + 4 * L <= hi; i += 4 * L) {
+      a0 = at::vec::maximum(a0, VI::loadu(x + i) & absm);
+      a1 = at::vec::maximum(a1, VI::loadu(x + i + L) & absm);
+      a2 = at::vec::maximum(a2, VI::loadu(x + i + 2 * L) & absm);
+      a3 = at::vec::maximum(a3, VI::loadu(x + i + 3 * L) & absm);
+    }
+    for (; i < hi; i += L)  // the lanes past the end load as 0
+      a0 = at::vec::maximum(a0, VI::loadu(x + i, std::min(L, hi - i)) & absm);
+    int32_t m[VI::size()];
+    at::vec::maximum(at::vec::maximum(a0, a1), at::vec::maximum(a2, a3)).store(m);
+    for (int64_t j = 0; j < L; ++j) top = std::max(top, m[j]);
+  }
+  *bad |= top >= 0x7f800000;
+}
+"""
+
+
+def finite_kernel_applies(x) -> bool:
+    """Whether ``all_finite`` reads ``x`` with the kernel: a dense, contiguous float32 CPU tensor."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.layout == torch.strided and x.is_contiguous()
+
+
+def all_finite(xs: list) -> bool:
+    """Whether every element of the tensors ``xs`` (``finite_kernel_applies``) is finite: one read
+    of each (at 10M parameters on this machine's CPU, 1.3-1.4x faster than torch's ``sum``, which
+    the engine uses elsewhere, and about 10x faster than ``isfinite().all()``)."""
+    k = _load(_FINITE_SRC, ["const int32_t*", "int64_t", "int64_t*", "int64_t"])
+    bad = torch.zeros(1, dtype=torch.int64)
+    nt = torch.get_num_threads()
+    for x in xs:
+        k(x, x.numel(), bad, nt)
+    return not bool(bad)

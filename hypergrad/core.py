@@ -1213,6 +1213,18 @@ class HyperOptimizer(torch.optim.Optimizer):
                  if p.grad is not None and id(p) not in covered]
         if not grads:
             return True
+        if any(self._hg_compiles(gi) for gi in range(len(self.param_groups))):
+            # float32 CPU tensors: a hand-written read of the bits (built by the toolchain that
+            # compile=True uses; where that fails, the sums below)
+            from . import _onepass
+            fast = [g for g in grads if _onepass.finite_kernel_applies(g)]
+            verdict: list[bool] = []
+            if fast and self._hg_try(lambda: verdict.append(_onepass.all_finite(fast)) or True):
+                if not verdict[0]:
+                    return False
+                grads = [g for g in grads if not _onepass.finite_kernel_applies(g)]
+                if not grads:
+                    return True
         # a sum is a read at memory speed (torch's CPU inf-norm and isfinite run 6-13x slower);
         # NaN and inf propagate into it. A finite sum proves the gradients finite; a non-finite one
         # may be an overflow of finite values, which the min and max tell apart.

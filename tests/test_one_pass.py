@@ -238,3 +238,58 @@ def test_errors():
     p[0].grad = torch.ones(3)
     with pytest.raises(RuntimeError, match="one_pass"):
         opt.step()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_finiteness_kernel(threads):
+    """The hand-written check of the gradients (float32 CPU, compiled levels) against
+    torch.isfinite: NaN, inf and -inf anywhere (first element, across block and vector
+    boundaries, the last lane of a partial vector), and finite extremes that are not flagged."""
+    from hypergrad import _onepass
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        sizes = [0, 1, 15, 16, 17, 63, 16384, 16385, 40000]
+        assert _onepass.all_finite([torch.randn(n, generator=g) for n in sizes])
+        extremes = torch.tensor([3.4028235e38, -3.4028235e38, 1e-45, -1e-45, 0.0, -0.0, 1.1754944e-38])
+        assert _onepass.all_finite([extremes])
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for n in sizes[1:]:
+                for i in sorted({0, n // 2, n - 1, min(n - 1, 16383), min(n - 1, 16384)}):
+                    xs = [torch.randn(n, generator=g) for n in (17, n, 5)]
+                    xs[1][i] = bad
+                    assert not _onepass.all_finite(xs), (bad, n, i)
+                    assert not bool(torch.isfinite(xs[1]).all())
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_finiteness_check_uses_the_kernel_where_compiled():
+    """A compiled level checks float32 CPU gradients with the kernel and the rest with sums; both
+    skip a step with a NaN in either kind."""
+    from hypergrad import _onepass
+    calls = []
+    orig = _onepass.all_finite
+
+    def spy(xs):
+        calls.append(len(xs))
+        return orig(xs)
+    _onepass.all_finite = spy
+    try:
+        a = torch.nn.Parameter(torch.zeros(100))
+        b = torch.nn.Parameter(torch.zeros(50, dtype=torch.float64))
+        opt = hg.Adam([a, b], lr=1e-3, compile=True)
+        for bad in (None, a, b):
+            a.grad, b.grad = torch.ones(100), torch.ones(50, dtype=torch.float64)
+            if bad is not None:
+                bad.grad[7] = float("nan")
+            before = opt.steps_skipped
+            opt.step()
+            assert opt.steps_skipped == before + (bad is not None)
+        assert calls == [1, 1, 1]  # the float32 tensor went to the kernel each time
+        calls.clear()
+        hg.Adam([a], lr=1e-3, compile=False).step()
+        assert calls == []  # an eager level builds no kernel
+    finally:
+        _onepass.all_finite = orig
