@@ -148,6 +148,15 @@ def section_parts(args):
     read4 = _compiled._build(lambda *xs: [sum((xs[i] + xs[i + 1] + xs[i + 2] + xs[i + 3]).sum()
                                               for i in range(0, len(xs), 4))], four)
     runs["read of the pass's 4 arrays (no arithmetic)"] = lambda: read4(*four)
+    # the finiteness check of the gradients (one read of them): the hand-written kernel, where it
+    # applies, against the per-tensor sums the engine uses elsewhere; each on its own copy of the
+    # gradients, so that neither reads what the other left in cache
+    g1 = [p.grad.clone() for p in opt.param_groups[0]["params"]]
+    g2 = [g.clone() for g in g1]
+    runs["check of the gradients (sums)"] = lambda: bool(torch.isfinite(torch.stack([g.sum() for g in g1])).all())
+    if args.device == "cpu":
+        from hypergrad import _onepass
+        runs["check of the gradients (kernel)"] = lambda: _onepass.all_finite(g2)
     a, b = params(n, args.device)[:2]
     dot = _compiled._build(lambda x, y: [(x * y).sum()], [a, b])
     runs["compiled dot product"] = lambda: dot(a, b)
