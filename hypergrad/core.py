@@ -1213,7 +1213,8 @@ class HyperOptimizer(torch.optim.Optimizer):
                  if p.grad is not None and id(p) not in covered]
         if not grads:
             return True
-        if any(self._hg_compiles(gi) for gi in range(len(self.param_groups))):
+        compiles = getattr(self, "_hg_compiles", None)  # (a wrapped torch optimizer has no compile option)
+        if compiles is not None and any(compiles(gi) for gi in range(len(self.param_groups))):
             # float32 CPU tensors: a hand-written read of the bits (built by the toolchain that
             # compile=True uses; where that fails, the sums below)
             from . import _onepass
