@@ -1218,12 +1218,14 @@ class HyperOptimizer(torch.optim.Optimizer):
             # float32 CPU tensors: a hand-written read of the bits (built by the toolchain that
             # compile=True uses; where that fails, the sums below)
             from . import _onepass
-            fast = [g for g in grads if _onepass.finite_kernel_applies(g)]
-            verdict: list[bool] = []
-            if fast and self._hg_try(lambda: verdict.append(_onepass.all_finite(fast)) or True):
+            fast, rest = [], []
+            for g in grads:
+                (fast if _onepass.finite_kernel_applies(g) else rest).append(g)
+            verdict = fast and self._hg_try(lambda: [_onepass.all_finite(fast)])  # [bool], or False
+            if verdict:
                 if not verdict[0]:
                     return False
-                grads = [g for g in grads if not _onepass.finite_kernel_applies(g)]
+                grads = rest
                 if not grads:
                     return True
         # a sum is a read at memory speed (torch's CPU inf-norm and isfinite run 6-13x slower);
