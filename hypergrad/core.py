@@ -750,7 +750,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                 hi = hv.hi_raw
                 if hv.transform.name == "log":  # exp(z) must stay finite in the value's dtype
                     hi = min(hi, math.log(torch.finfo(r.dtype).max) - 1.0)
-                self._hg_proj[r] = (hv.lo_raw, hi)
+                self._hg_proj[r] = _inward(hv.lo_raw, hi, r.dtype)
                 by_name.setdefault(hv.spec.name, []).append(r)
         groups, rest, rest_names = [], [], []
         for name, raws in by_name.items():
@@ -883,6 +883,8 @@ class HyperOptimizer(torch.optim.Optimizer):
     def _hg_update(self, skip: set[int] = frozenset()) -> None:
         """Update this level's parameters in place, recording what the next hyper-gradient needs
         (the param groups in ``skip`` were updated already, by a one-pass kernel)."""
+        if len(skip) == len(self.param_groups):  # every group updated already
+            return
         snaps = None
         if self._hg_learn:  # the hyperparameter values this step uses
             snaps = {}
@@ -1290,11 +1292,16 @@ class HyperOptimizer(torch.optim.Optimizer):
             if h is None or any(r is None or r["kind"] != "closed" or (r["h"] is not h and any(
                     r["h"][n] is not x for n, x in h.items())) for r in recs):
                 return None
-        fn, opts = getattr(self, attr), self._hg_opts[gi]
         if not floats:
-            return fn(h, step + ahead, opts)
+            return getattr(self, attr)(h, step + ahead, self._hg_opts[gi])
+        return self._hg_float_scalars(gi, attr, h, {n: float(x) for n, x in h.items()}, step, ahead)
+
+    def _hg_float_scalars(self, gi, attr, h, hf, step, ahead):
+        """The rule's scalars ``attr`` as Python floats, from the values ``h`` (tensors) given
+        also as floats ``hf``, at step count ``step + ahead``."""
+        fn, opts = getattr(self, attr), self._hg_opts[gi]
         try:
-            out = fn({n: float(x) for n, x in h.items()}, float(step) + ahead, opts)
+            out = fn(hf, float(step) + ahead, opts)
         except (ZeroDivisionError, OverflowError):  # where a tensor gives inf
             out = fn(h, step + ahead, opts)
         return {k: float(x) for k, x in out.items()}
@@ -1375,17 +1382,25 @@ class HyperOptimizer(torch.optim.Optimizer):
             grads.append(p.grad)
         if not fn.applies(params, grads, states):
             return False
-        hc = self._hg_group_scalars(gi, "hyper_coefficients", 0, floats=True)
-        c = self._hg_group_scalars(gi, "coefficients", 1, floats=True)
-        if hc is None or c is None:
+        # the scalars of the last update (recorded values) and of this one (values now), as
+        # floats; one record serves the group where its tensors have taken the same steps
+        rec = states[0][_RECORD]
+        h = rec["h"]
+        step = self._hg_common_step(gi, states, "hyper_coefficients")
+        if step is None or any(st[_RECORD] is not rec and any(st[_RECORD]["h"][n] is not x for n, x in h.items())
+                               for st in states):
             return False
-        h = states[0][_RECORD]["h"]
+        hf = {n: float(hv.value[0]) for n, hv in vars.items()}
+        hc = self._hg_float_scalars(gi, "hyper_coefficients", h, rec.get("hf") or {n: float(x) for n, x in h.items()},
+                                    step, 0)
+        c = self._hg_float_scalars(gi, "coefficients", {n: hv.value[0] for n, hv in vars.items()}, hf, step, 1)
         sums = fn.run(params, grads, states, hc, c, opts, names)
         for n, val in sums.items():
             v = vars[n].value[0]
             add(vars[n], 0, h[n], torch.tensor(val, dtype=v.dtype, device=v.device))
         torch._foreach_add_([st["step"] for st in states], 1)
-        rec = {"kind": "closed", "h": {n: hv.value[0].detach().clone() for n, hv in vars.items()}, "mask": None}
+        rec = {"kind": "closed", "h": {n: hv.value[0].detach().clone() for n, hv in vars.items()}, "mask": None,
+               "hf": hf}  # the values as floats, for the next step's scalars
         for st in states:
             st[_RECORD] = rec
         return True
@@ -1677,7 +1692,23 @@ def _finite(xs: list) -> bool:
 
 def _all_finite(x: Tensor, state: dict) -> bool:
     ts = [x] + [v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()]
-    return all(bool(torch.isfinite(t).all()) for t in ts)
+    # a hyper level's scalars: a read of the number costs less than a tensor reduction
+    return all(math.isfinite(t.item()) if t.numel() == 1 and t.is_cpu else bool(torch.isfinite(t).all())
+               for t in ts)
+
+
+def _inward(lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float]:
+    """The bounds ``[lo, hi]`` as numbers of ``dtype`` that lie inside them (float32(0.01) is
+    below 0.01: a value clamped to it would leave the bounds the user gave)."""
+    out = []
+    for x, toward in ((lo, math.inf), (hi, -math.inf)):
+        if math.isfinite(x):
+            t = torch.tensor(x, dtype=dtype)
+            if (float(t) < x) if toward > 0 else (float(t) > x):
+                t = torch.nextafter(t, torch.tensor(toward, dtype=dtype))
+            x = float(t)
+        out.append(x)
+    return out[0], out[1]
 
 
 def _get(group: dict, key):

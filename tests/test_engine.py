@@ -53,6 +53,21 @@ def test_projection_keeps_hyperparameters_in_bounds(case):
             assert hv.spec.in_domain(v) or v in (hv.spec.lo, hv.spec.hi)
 
 
+def test_projection_bounds_hold_in_double_for_float32_values():
+    """float32(0.01) < 0.01 and float32(0.3) > 0.3: a value clamped to the float32 nearest a
+    bound would leave the bounds the user gave; the projection rounds them inward."""
+    model = MLP(dtype=torch.float32)
+    opt = hg.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.2), bounds={"beta2": (0.01, 0.3)},
+                  hyper=hg.SGD(lr=1e9), learn=("beta2",))
+    hit = set()
+    for t in range(1, 12):
+        train(model, opt, 1, start=t - 1)
+        v = float(opt.hyperparameters()["beta2"])
+        assert 0.01 <= v <= 0.3, v
+        hit.update(x for x in (0.01, 0.3) if abs(v - x) < 1e-7)  # within an ulp
+    assert hit == {0.01, 0.3}  # both bounds were reached, and the clamp is what kept it inside
+
+
 def test_log_and_logit_reparam_keep_values_inside():
     model = MLP()
     opt = hg.Adam(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=1.0), reparam="auto")
