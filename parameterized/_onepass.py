@@ -28,6 +28,13 @@ _MADA_SRC = _PRELUDE + r"""
 extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, float* vm, float* lm,
                        float* gs, float* n0, int8_t* ys, int8_t* ls, double* out, const double* c,
                        int64_t len, int64_t flags, int64_t nthreads) {
+  const int64_t B = 4096, L = V::size();
+  const int64_t nb = (len + B - 1) / B;
+  constexpr int NS = 10;
+  double S[NS] = {0};
+  #pragma omp parallel num_threads(nthreads) reduction(+:S[:NS])
+  {
+  // the scalars as each thread's own locals (a shared copy costs a pointer load at every use)
   const bool dec = flags & 1, ref = flags & 2, mhi = flags & 4, nhi = flags & 8;
   const V zero(0.f), one(1.f);
   // the last update
@@ -40,11 +47,7 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, f
   const V lb2(c[39]), wl2(c[40]), lb1(c[41]), wl1(c[42]), decay(c[43]), lr(c[44]), gam(c[45]);
   const V wgam(c[46]), sg(c[47]);
   const V w1m1 = w1 - one, w3m1 = w3 - one;
-  const int64_t B = 4096, L = V::size();
-  const int64_t nb = (len + B - 1) / B;
-  constexpr int NS = 10;
-  double S[NS] = {0};
-  #pragma omp parallel for num_threads(nthreads) reduction(+:S[:NS]) schedule(static)
+  #pragma omp for schedule(static)
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t lo = b * B, hi = std::min(len, lo + B);
     V s[NS];
@@ -114,6 +117,7 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, f
       store_i8(ls + i, lion, k);
     }
     for (int j = 0; j < NS; ++j) S[j] += vsum(s[j]);
+  }
   }
   for (int j = 0; j < NS; ++j) out[j] += S[j];
 }
