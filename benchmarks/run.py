@@ -5,6 +5,7 @@ process (interleaved repeats, medians). Prints a table and writes JSON.
     python benchmarks/run.py --quick          # smaller sizes, fewer repeats (a minute or two)
     python benchmarks/run.py --only step      # one section: step, stack, mada, gpt, peer, memory
     python benchmarks/run.py --device cuda    # the same measurements on a GPU
+    python benchmarks/run.py --only step --sizes 1e7 --threads 1   # one size, one thread count
 
 Sections
 - step:   optimizer step (gradients preassigned) of 1-level hyper-Adam (lr, beta1, beta2 learned)
@@ -411,13 +412,16 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--inner", type=int, default=None)
+    ap.add_argument("--sizes", type=float, nargs="*", default=None,
+                    help="parameter counts of the step sections (default 1e6 1e7; --quick: 1e6)")
+    ap.add_argument("--threads", type=int, nargs="*", default=None, help="thread counts (default 1 2)")
     ap.add_argument("--gpt-threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<device>.json)")
     args = ap.parse_args()
     args.repeats = args.repeats or (3 if args.quick else 7)
     args.inner = args.inner or (3 if args.quick else 5)
-    sizes = [1_000_000] if args.quick else [1_000_000, 10_000_000]
-    threads = [1] if args.quick else [1, 2]
+    sizes = [int(x) for x in args.sizes] if args.sizes else [1_000_000] if args.quick else [1_000_000, 10_000_000]
+    threads = args.threads or ([1] if args.quick else [1, 2])
     only = set(args.only or ["step", "stack", "mada", "parts", "gpt", "peer", "memory"])
     t0 = time.perf_counter()
     if "step" in only:

@@ -21,6 +21,9 @@ float64. Built with inductor's C++ toolchain (the one ``compile=True`` uses) on 
 
 from __future__ import annotations
 
+import array
+import weakref
+
 import torch
 
 # what both kernels share: ATen's vector type, a horizontal sum, torch.sign and torch.lerp as
@@ -86,8 +89,10 @@ static inline V lanes(int64_t k) {
 _SRC = _PRELUDE + r"""
 // c: 0 isb2, 1 eps (last), 2 ieps, 3 ib1, 4 k1, 5 ib2, 6 k2, 7 sa,
 //    8 w1, 9 b2, 10 w2, 11 ibc2_sqrt, 12 eps (now), 13 step_size, 14 decay, 15 sign of g
-extern "C" void kernel(float* p, const float* g, float* m, float* v, float* gs, double* out,
-                       const double* c, int64_t n, int64_t flags, int64_t nthreads) {
+extern "C" void kernel(float* p, const float* g, float* m, float* v, float* gs, uintptr_t out_,
+                       uintptr_t c_, int64_t n, int64_t flags, int64_t nthreads) {
+  double* out = reinterpret_cast<double*>(out_);            // (Python buffers: see _sweep)
+  const double* c = reinterpret_cast<const double*>(c_);
   const int64_t B = 4096, L = V::size();
   const int64_t nb = (n + B - 1) / B;
   double S0 = 0, S1 = 0, S2 = 0, S3 = 0;
@@ -157,40 +162,71 @@ def _load(src: str, argtypes: list):
     return k
 
 
-def _applies(params, grads, states, keys, byte_keys=()) -> bool:
+def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
     """Whether a kernel can run on these tensors: ``p``, ``g`` and the state's ``keys`` float32
     and ``byte_keys`` int8, all CPU, dense, contiguous, of ``p``'s size, and no two of them
-    overlapping in memory (the kernel writes them in place). Called every step: attribute reads
-    only (a few microseconds for a model's tensors)."""
+    overlapping in memory (the kernel writes them in place). Called every step.
+
+    ``memo`` (a dict kept by the caller for the group): weak references to the parameters and
+    state tensors found fit at the last call; where they are the same objects on the same
+    storage, only the gradients are checked (a model's gradients are new tensors at every
+    backward), against the spans recorded."""
     f32, i8, strided = torch.float32, torch.int8, torch.strided
-    for p, g, st in zip(params, grads, states):
-        n = p.numel()
-        spans = []
-        for x, dtype, size in [(p, f32, 4), (g, f32, 4)] + [(st.get(k), f32, 4) for k in keys] + \
-                [(st.get(k), i8, 1) for k in byte_keys]:
-            if x is None or x.dtype is not dtype or not x.is_cpu or x.layout is not strided \
-                    or not x.is_contiguous() or x.numel() != n:
-                return False
-            spans.append((x.data_ptr(), size))
-        if n:
+    allkeys = keys + tuple(byte_keys)
+    static = memo.get("static") if memo is not None else None
+    if static is not None and len(static) == len(params):
+        for (p0, ptr0, xs0, _), p, st in zip(static, params, states):
+            if p0() is not p or p.data_ptr() != ptr0 or any(st.get(k) is not x() for k, x in zip(allkeys, xs0)):
+                static = None
+                break
+    else:
+        static = None
+    if static is None:  # check the parameters and the state in full
+        static = []
+        for p, st in zip(params, states):
+            n = p.numel()
+            xs = tuple(st.get(k) for k in allkeys)
+            spans = []
+            for x, dtype, size in [(p, f32, 4)] + [(x, f32 if j < len(keys) else i8, 4 if j < len(keys) else 1)
+                                                   for j, x in enumerate(xs)]:
+                if x is None or x.dtype is not dtype or not x.is_cpu or x.layout is not strided \
+                        or not x.is_contiguous() or x.numel() != n:
+                    return False
+                spans.append((x.data_ptr(), x.data_ptr() + size * n))
             spans.sort()
-            if any(a + size * n > b for (a, size), (b, _) in zip(spans, spans[1:])):
+            if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
                 return False
+            static.append((weakref.ref(p), p.data_ptr(), tuple(weakref.ref(x) for x in xs), spans))
+        if memo is not None:
+            memo["static"] = static
+    for p, (_, _, _, spans), g in zip(params, static, grads):
+        n = p.numel()
+        if g.dtype is not f32 or not g.is_cpu or g.layout is not strided or not g.is_contiguous() \
+                or g.numel() != n:
+            return False
+        lo = g.data_ptr()
+        hi = lo + 4 * n
+        if n and any(lo < b and a < hi for a, b in spans):
+            return False
     return True
 
 
 def _sweep(kernel, params, grads, states, keys, consts: list, flags: int, nsums: int) -> list:
-    """Run ``kernel`` over every tensor of a group; return the group's sums (float64)."""
-    consts = torch.tensor(consts, dtype=torch.float64)
-    out = torch.zeros(nsums, dtype=torch.float64)  # the kernel adds its sums to it
+    """Run ``kernel`` over every tensor of a group; return the group's sums (float64).
+
+    The scalars and the sums travel in Python ``array`` buffers, passed by address (a float64
+    tensor made from a list and read back cost 20-40 us a step)."""
+    c = array.array("d", consts)
+    out = array.array("d", bytes(8 * nsums))  # zeros: the kernel adds its sums to it
+    cp, op = c.buffer_info()[0], out.buffer_info()[0]
     nt = torch.get_num_threads()
     for p, g, st in zip(params, grads, states):
-        kernel(p, g, *(st[key] for key in keys), out, consts, p.numel(), flags, nt)
+        kernel(p, g, *(st[key] for key in keys), op, cp, p.numel(), flags, nt)
     return out.tolist()
 
 
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq", "hg_gprev")
-_ADAM_ARGS = ["float*", "const float*", "float*", "float*", "float*", "double*", "const double*",
+_ADAM_ARGS = ["float*", "const float*", "float*", "float*", "float*", "uintptr_t", "uintptr_t",
               "int64_t", "int64_t", "int64_t"]
 
 
@@ -217,8 +253,8 @@ class AdamOnePass:
         return not opts["amsgrad"] and not (opts["wd"] and not opts["decoupled"]) and set(names) <= AdamOnePass.NAMES
 
     @staticmethod
-    def applies(params, grads, states) -> bool:
-        return _applies(params, grads, states, _ADAM_KEYS)
+    def applies(params, grads, states, memo=None) -> bool:
+        return _applies(params, grads, states, _ADAM_KEYS, (), memo)
 
     @staticmethod
     def run(params, grads, states, hc: dict, c: dict, opts: dict, names) -> dict:
@@ -242,7 +278,8 @@ class AdamOnePass:
 # the largest |x| of float32 x as the bits say it (integer operations, unaffected by any
 # floating-point flag): inf is 0x7f800000 and NaN above, every finite value below. One read.
 _FINITE_SRC = _PRELUDE + r"""
-extern "C" void kernel(const int32_t* x, int64_t n, int64_t* bad, int64_t nthreads) {
+extern "C" void kernel(const int32_t* x, int64_t n, uintptr_t bad_, int64_t nthreads) {
+  int64_t* bad = reinterpret_cast<int64_t*>(bad_);
   using VI = at::vec::Vectorized<int32_t>;
   const VI absm(0x7fffffff);
   const int64_t L = VI::size();
@@ -286,11 +323,12 @@ def finite_kernel_applies(x) -> bool:
 
 def all_finite(xs: list) -> bool:
     """Whether every element of the tensors ``xs`` (``finite_kernel_applies``) is finite: one read
-    of each, about 10 % faster than the per-tensor sums the engine uses elsewhere (rows "check of
-    the gradients" of ``benchmarks/run.py --only parts``)."""
-    k = _load(_FINITE_SRC, ["const int32_t*", "int64_t", "int64_t*", "int64_t"])
-    bad = torch.zeros(1, dtype=torch.int64)
+    of each, faster than the per-tensor sums the engine uses elsewhere (rows "check of the
+    gradients" of ``benchmarks/run.py --only parts``)."""
+    k = _load(_FINITE_SRC, ["const int32_t*", "int64_t", "uintptr_t", "int64_t"])
+    bad = array.array("q", [0])
+    b = bad.buffer_info()[0]
     nt = torch.get_num_threads()
     for x in xs:
-        k(x, x.numel(), bad, nt)
-    return not bool(bad)
+        k(x, x.numel(), b, nt)
+    return not bad[0]

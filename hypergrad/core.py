@@ -500,6 +500,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         self._hg_opts: list[dict] = []
         self._hg_shared: dict[str, HyperVar] = {}
         self._hg_proj: dict[Tensor, tuple[float, float]] = {}
+        self._hg_onepass_memo: dict[int, dict] = {}  # per group: what the one-pass kernel's check reuses
         self._hg_below_ref = None
         self._hg_bound = False
         self._hg_ready = False
@@ -1376,11 +1377,11 @@ class HyperOptimizer(torch.optim.Optimizer):
             st = self.state.get(p)
             rec = st.get(_RECORD) if st else None
             if rec is None or p.grad is None or rec["kind"] != "closed" or rec["mask"] is not None \
-                    or p in self._hg_proj:
+                    or (self._hg_proj and p in self._hg_proj):
                 return False
             states.append(st)
             grads.append(p.grad)
-        if not fn.applies(params, grads, states):
+        if not fn.applies(params, grads, states, self._hg_onepass_memo.setdefault(gi, {})):
             return False
         # the scalars of the last update (recorded values) and of this one (values now), as
         # floats; one record serves the group where its tensors have taken the same steps

@@ -26,8 +26,10 @@ _MADA_SRC = _PRELUDE + r"""
 // flags: 1 weight decay, 2 reference variant, 4 lerp of m high, 8 lerp of n high
 // out: ten sums over the elements, added to (MadaOnePass.run turns them into the hyper-gradients)
 extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, float* vm, float* lm,
-                       float* gs, float* n0, int8_t* ys, int8_t* ls, double* out, const double* c,
+                       float* gs, float* n0, int8_t* ys, int8_t* ls, uintptr_t out_, uintptr_t c_,
                        int64_t len, int64_t flags, int64_t nthreads) {
+  double* out = reinterpret_cast<double*>(out_);            // (Python buffers: see _sweep)
+  const double* c = reinterpret_cast<const double*>(c_);
   const int64_t B = 4096, L = V::size();
   const int64_t nb = (len + B - 1) / B;
   constexpr int NS = 10;
@@ -125,7 +127,7 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, f
 
 _MADA_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "v_mean", "lion_exp_avg", "previous_grad", "hg_n")
 _MADA_BYTES = ("hg_ysign", "hg_sign")
-_MADA_ARGS = ["float*", "const float*"] + ["float*"] * 7 + ["int8_t*", "int8_t*", "double*", "const double*",
+_MADA_ARGS = ["float*", "const float*"] + ["float*"] * 7 + ["int8_t*", "int8_t*", "uintptr_t", "uintptr_t",
                                                         "int64_t", "int64_t", "int64_t"]
 
 
@@ -141,8 +143,8 @@ class MadaOnePass:
         return set(names) <= MadaOnePass.NAMES
 
     @staticmethod
-    def applies(params, grads, states) -> bool:
-        return _applies(params, grads, states, _MADA_KEYS, _MADA_BYTES)
+    def applies(params, grads, states, memo=None) -> bool:
+        return _applies(params, grads, states, _MADA_KEYS, _MADA_BYTES, memo)
 
     @staticmethod
     def run(params, grads, states, hc: dict, c: dict, opts: dict, names) -> dict:

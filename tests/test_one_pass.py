@@ -8,6 +8,7 @@ kernel against the eager path; with a zero hyper-lr, torch.optim; checkpoints bi
 skipped non-finite steps; and the errors."""
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -297,3 +298,39 @@ def test_finiteness_check_uses_the_kernel_where_compiled():
         assert calls == []  # an eager level builds no kernel
     finally:
         _onepass.all_finite = orig
+
+
+def test_kernel_check_follows_tensors_that_change():
+    """The kernel's check of its tensors reuses what it found for the parameters and the state
+    while they are the same objects on the same storage, and checks the gradients every step: a
+    gradient, state tensor or parameter storage that stops fitting (non-contiguous, aliasing
+    the state) sends the step to the two-pass path, and a new fitting one is used."""
+    def strided(x):
+        return x.t().contiguous().t()
+    cases = [  # (change before the step, whether the kernel makes it)
+        (lambda w, st: setattr(w, "grad", strided(w.grad)), False),
+        (lambda w, st: setattr(w, "grad", st["hg_gprev"]), False),        # aliases the state
+        (lambda w, st: None, True),
+        (lambda w, st: st.__setitem__("exp_avg", strided(st["exp_avg"])), False),
+        (lambda w, st: st.__setitem__("exp_avg", st["exp_avg"].clone()), True),
+        (lambda w, st: setattr(w, "data", strided(w.data)), False),
+        (lambda w, st: setattr(w, "data", w.data.clone()), True)]
+    for change, fused in cases:
+        params = _model()
+        opt = hg.Adam(params, lr=1e-2, hyper=hg.SGD(lr=1e-4), one_pass=True, compile=True)
+        for t in range(4):
+            _grads(params, t)
+            opt.step()
+        assert opt._hg_fused == {0}
+        w = params[0]  # (37, 301)
+        _grads(params, 4)
+        change(w, opt.state[w])
+        m, p = opt.state[w]["exp_avg"], w.detach().clone()
+        m0 = m.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a strided tensor: the compiled two-pass path gives up
+            opt.step()
+        assert opt._hg_fused == ({0} if fused else set())
+        assert all(torch.isfinite(x).all() for x in params)
+        if fused:  # the tensors now in place are the ones the kernel wrote
+            assert opt.state[w]["exp_avg"] is m and not torch.equal(m, m0) and not torch.equal(w, p)
