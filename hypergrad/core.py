@@ -1398,7 +1398,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         sums = fn.run(params, grads, states, hc, c, opts, names)
         for n, val in sums.items():
             v = vars[n].value[0]
-            add(vars[n], 0, h[n], torch.tensor(val, dtype=v.dtype, device=v.device))
+            add(vars[n], 0, h[n], torch.scalar_tensor(val, dtype=v.dtype, device=v.device))
         torch._foreach_add_([st["step"] for st in states], 1)
         rec = {"kind": "closed", "h": {n: hv.value[0].detach().clone() for n, hv in vars.items()}, "mask": None,
                "hf": hf}  # the values as floats, for the next step's scalars
