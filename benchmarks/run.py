@@ -174,6 +174,40 @@ def section_parts(args):
     for k, v in t.items():
         record("parts", k, v * 1e3, "ms", params=n, threads=1, ratio=v / base)
         print(f"  {k:<34} {v * 1e3:9.3f} ms   {v / base:6.2f}x the fused Adam step")
+    if args.device == "cpu":
+        section_streams(n, args)
+
+
+_STREAMS_SRC = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+using V = at::vec::Vectorized<float>;
+// read arrays a[0..nr) element by element and write their sum, halved, into a[0..nw): a kernel
+// with the memory traffic of an optimizer step that reads nr arrays and writes nw of them
+extern "C" void kernel(const int64_t* a, int64_t nr, int64_t nw, int64_t n) {
+  float** x = (float**)a;
+  for (int64_t i = 0; i + V::size() <= n; i += V::size()) {
+    V s(0.f);
+    for (int64_t j = 0; j < nr; ++j) s = s + V::loadu(x[j] + i);
+    for (int64_t j = 0; j < nw; ++j) (s * V(0.5f)).store(x[j] + i);
+  }
+}
+"""
+
+
+def section_streams(n, args):
+    """Memory bandwidth against the number of arrays a loop streams at once (1 thread): what a
+    kernel that reads and writes more arrays than Adam's 4 and 3 can expect per byte."""
+    from hypergrad._onepass import _load
+    k = _load(_STREAMS_SRC, ["const int64_t*", "int64_t", "int64_t", "int64_t"])
+    arrays = [torch.randn(n) for _ in range(17)]
+    ptrs = torch.tensor([a.data_ptr() for a in arrays], dtype=torch.int64)
+    cfg = [(4, 3), (5, 4), (7, 6), (9, 8), (11, 10), (17, 16), (1, 0), (4, 0), (9, 0)]
+    t = interleaved({c: (lambda c=c: k(ptrs, c[0], c[1], n)) for c in cfg}, repeats=args.repeats, inner=2)
+    print(f"\n[parts] memory bandwidth by arrays streamed at once ({n / 1e6:g}M floats each, 1 thread)")
+    for (nr, nw), v in t.items():
+        gbs = (nr + nw) * 4 * n / v / 1e9
+        record("streams", f"read {nr} write {nw}", gbs, "GB/s", params=n, threads=1, ms=v * 1e3)
+        print(f"  read {nr:2d} arrays, write {nw:2d} of them   {v * 1e3:8.2f} ms   {gbs:5.1f} GB/s")
 
 
 # ---------------------------------------------------------------------------------- whole steps
