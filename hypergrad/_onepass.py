@@ -114,7 +114,7 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* gs, 
       const int64_t k = std::min(L, hi - i);
       const V gt = sg * V::loadu(g + i, k);
       const V mi = V::loadu(m + i, k), vi = V::loadu(v + i, k), gp = V::loadu(gs + i, k);
-      const V pi = V::loadu(p + i, k);
+      const V pi = LOAD_P;
       // the hyper-gradient of the last update (Adam.hyper_apply)
       const V r = vi.sqrt();
       const V d = r * isb2 + eps0;
@@ -133,7 +133,7 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* gs, 
         t2 = V::blendv(zero, t2, in); t3 = V::blendv(zero, t3, in);
       }
       s0 = s0 + t0; s1 = s1 + t1; s2 = s2 + t2; s3 = s3 + t3;
-      // this step's update (Adam.apply)
+      // <update> this step's update (Adam.apply)
       const V m2 = lerp(mi, gt, w1, w1m1, lerp_hi);
       const V v2 = vi * b2 + w2 * gt * gt;
       const V den = v2.sqrt() * ibc2s + eps1;
@@ -142,6 +142,7 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* gs, 
       m2.store(m + i, k);
       v2.store(v + i, k);
       gt.store(gs + i, k);
+      // </update>
     }
     S0 += vsum(s0); S1 += vsum(s1); S2 += vsum(s2); S3 += vsum(s3);
   }
@@ -151,6 +152,16 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* gs, 
 """
 
 _KERNELS: dict = {}
+
+
+def _variants(src: str, p_when_sums: str = "V::loadu(p + i, k)") -> tuple[str, str]:
+    """The one-pass kernel of ``src`` and its sums-only twin: the same loop without the part
+    between ``// <update>`` and ``// </update>`` (it writes nothing; the paper's order runs it
+    before the update kernel). ``LOAD_P`` in ``src`` is how each reads the parameter."""
+    a, rest = src.split("// <update>")
+    _, b = rest.split("// </update>")
+    one = src.replace("// <update>", "//").replace("// </update>", "//").replace("LOAD_P", "V::loadu(p + i, k)")
+    return one, (a + b).replace("LOAD_P", p_when_sums)
 
 
 def _load(src: str, argtypes: list):
@@ -225,21 +236,38 @@ def _sweep(kernel, params, grads, states, keys, consts: list, flags: int, nsums:
     return out.tolist()
 
 
+_SRC, _SUMS_SRC = _variants(_SRC, "(dec ? V::loadu(p + i, k) : zero)")  # without S3, no read of p
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq", "hg_gprev")
 _ADAM_ARGS = ["float*", "const float*", "float*", "float*", "float*", "uintptr_t", "uintptr_t",
               "int64_t", "int64_t", "int64_t"]
 
 
-def adam(params, grads, states, hc: dict, c: dict, opts: dict) -> list:
+def adam(params, grads, states, hc: dict, c: dict | None, opts: dict) -> list:
     """Run the kernel over every tensor of a group (the scalars ``hc``, ``c`` as floats); return
-    the group's sums S0..S3."""
+    the group's sums S0..S3. ``c`` None: the sums-only kernel (no update)."""
     dec = bool(opts["wd"] and opts["decoupled"])
-    w1 = c["w1"]
-    consts = [hc["isb2"], hc["eps"], hc["ieps"], hc["ib1"], hc["k1"], hc["ib2"], hc["k2"], hc["sa"],
-              w1, c["b2"], c["w2"], c["ibc2_sqrt"], c["eps"], c["step_size"], c["decay"] if dec else 1.0,
-              -1.0 if opts.get("maximize") else 1.0]
-    return _sweep(_load(_SRC, _ADAM_ARGS), params, grads, states, _ADAM_KEYS, consts,
-                  int(dec) | (2 if w1 >= 0.5 else 0), 4)
+    now = [c["w1"], c["b2"], c["w2"], c["ibc2_sqrt"], c["eps"], c["step_size"], c["decay"] if dec else 1.0] \
+        if c is not None else [0.0] * 7
+    consts = [hc["isb2"], hc["eps"], hc["ieps"], hc["ib1"], hc["k1"], hc["ib2"], hc["k2"], hc["sa"]] + now + \
+        [-1.0 if opts.get("maximize") else 1.0]
+    src = _SRC if c is not None else _SUMS_SRC
+    return _sweep(_load(src, _ADAM_ARGS), params, grads, states, _ADAM_KEYS, consts,
+                  int(dec) | (2 if c is not None and c["w1"] >= 0.5 else 0), 4)
+
+
+def _adam_hypergrads(s: list, hc: dict, opts: dict, names) -> dict:
+    """The hyper-gradients of ``names`` from the sums S0..S3 (``Adam.hyper_apply``'s factors)."""
+    out = {}
+    if "lr" in names:
+        lr = -hc["ibc1"] * s[0]
+        if opts["wd"] and opts["decoupled"]:
+            lr = lr - hc["wd"] * hc["idecay"] * s[3]
+        out["lr"] = lr
+    if "beta1" in names:
+        out["beta1"] = -hc["sa"] * s[1]
+    if "beta2" in names:
+        out["beta2"] = hc["sa"] * s[2]
+    return out
 
 
 class AdamOnePass:
@@ -259,18 +287,13 @@ class AdamOnePass:
     @staticmethod
     def run(params, grads, states, hc: dict, c: dict, opts: dict, names) -> dict:
         """Update the group in place; return the hyper-gradients of ``names`` (floats)."""
-        s = adam(params, grads, states, hc, c, opts)
-        out = {}
-        if "lr" in names:
-            lr = -hc["ibc1"] * s[0]
-            if opts["wd"] and opts["decoupled"]:
-                lr = lr - hc["wd"] * hc["idecay"] * s[3]
-            out["lr"] = lr
-        if "beta1" in names:
-            out["beta1"] = -hc["sa"] * s[1]
-        if "beta2" in names:
-            out["beta2"] = hc["sa"] * s[2]
-        return out
+        return _adam_hypergrads(adam(params, grads, states, hc, c, opts), hc, opts, names)
+
+    @staticmethod
+    def hyper_sums(params, grads, states, hc: dict, opts: dict, names) -> dict:
+        """The hyper-gradients of ``names`` of the last update, reading the group only (the
+        paper's order: its update follows, in the update kernel)."""
+        return _adam_hypergrads(adam(params, grads, states, hc, None, opts), hc, opts, names)
 
 
 # --- the finiteness check of the gradients ---------------------------------------------------

@@ -1114,6 +1114,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         ``fuse`` (a ``one_pass`` bottom level): where a one-pass kernel applies, it makes this
         step's update too, and the group goes into ``_hg_fused``."""
         self._hg_fused = set()
+        self._hg_summed = set()  # the groups whose hyper-gradient a hand-written sums kernel made
         learned = self._hg_learned_vars()
         for hv in learned:
             hv.grad = [None] * len(hv.value)
@@ -1151,6 +1152,12 @@ class HyperOptimizer(torch.optim.Optimizer):
                     self._hg_try(self._hg_onepass_group, gi, names, add):
                 self._hg_fused.add(gi)
                 covered.update(id(p) for p in group["params"])
+                continue
+            if kind == "closed" and self._hg_compiles(gi) and not self._hg_lag and \
+                    self._hg_try(self._hg_sums_group, gi, names, add):
+                self._hg_summed.add(gi)
+                if covers:
+                    covered.update(id(p) for p in group["params"])
                 continue
             if kind != "autograd" and self._hg_compiles(gi) and self._hg_try(self._hg_terms_compiled, gi, kind, names, add):
                 if covers:
@@ -1359,46 +1366,75 @@ class HyperOptimizer(torch.optim.Optimizer):
                 add(hv, idx, states[i][_RECORD]["h"][n], val)
         return True
 
-    def _hg_onepass_group(self, gi, names, add) -> bool:
-        """Group ``gi``'s hyper-gradient and this step's update in one pass (the rule's
-        ``one_pass_kernel``); False where it does not apply: a rule without one, names it does not
-        cover, per-tensor values, tensors that are not float32 CPU tensors with aligned steps."""
-        fn = getattr(type(self), "one_pass_kernel", None)
+    def _hg_kernel_inputs(self, gi, names, fn):
+        """What a hand-written kernel of the rule (``one_pass_kernel``) needs for group ``gi``: the
+        parameters, gradients, states, the shared record of the last update, its step count and
+        the last update's scalars (floats); None where it does not apply: names it does not
+        cover, per-tensor values, projected parameters, tensors that are not float32 CPU tensors
+        with aligned steps."""
         opts = self._hg_opts[gi]
         if fn is None or not fn.covers(opts, names):
-            return False
+            return None
         vars = self._hg_vars[gi]
         params = self.param_groups[gi]["params"]
         keys = self._hg_stable.get(gi)
         if not keys or not params or any(len(hv.value) != 1 for hv in vars.values()):
-            return False
+            return None
         states, grads = [], []
         for p in params:
             st = self.state.get(p)
             rec = st.get(_RECORD) if st else None
             if rec is None or p.grad is None or rec["kind"] != "closed" or rec["mask"] is not None \
                     or (self._hg_proj and p in self._hg_proj):
-                return False
+                return None
             states.append(st)
             grads.append(p.grad)
         if not fn.applies(params, grads, states, self._hg_onepass_memo.setdefault(gi, {})):
-            return False
-        # the scalars of the last update (recorded values) and of this one (values now), as
-        # floats; one record serves the group where its tensors have taken the same steps
+            return None
+        # one record serves the group where its tensors have taken the same steps
         rec = states[0][_RECORD]
         h = rec["h"]
         step = self._hg_common_step(gi, states, "hyper_coefficients")
         if step is None or any(st[_RECORD] is not rec and any(st[_RECORD]["h"][n] is not x for n, x in h.items())
                                for st in states):
-            return False
-        hf = {n: float(hv.value[0]) for n, hv in vars.items()}
+            return None
         hc = self._hg_float_scalars(gi, "hyper_coefficients", h, rec.get("hf") or {n: float(x) for n, x in h.items()},
                                     step, 0)
-        c = self._hg_float_scalars(gi, "coefficients", {n: hv.value[0] for n, hv in vars.items()}, hf, step, 1)
-        sums = fn.run(params, grads, states, hc, c, opts, names)
+        return params, grads, states, h, step, hc
+
+    def _hg_add_kernel_sums(self, gi, h, sums, add) -> None:
+        vars = self._hg_vars[gi]
         for n, val in sums.items():
             v = vars[n].value[0]
             add(vars[n], 0, h[n], torch.scalar_tensor(val, dtype=v.dtype, device=v.device))
+
+    def _hg_sums_group(self, gi, names, add) -> bool:
+        """Group ``gi``'s hyper-gradient of the last update from the rule's hand-written sums
+        kernel (``one_pass_kernel.hyper_sums``: one read of ``g_t`` and the state, nothing
+        written), for the paper's order; False where it does not apply."""
+        fn = getattr(type(self), "one_pass_kernel", None)
+        if getattr(fn, "hyper_sums", None) is None:
+            return False
+        got = self._hg_kernel_inputs(gi, names, fn)
+        if got is None:
+            return False
+        params, grads, states, h, _, hc = got
+        self._hg_add_kernel_sums(gi, h, fn.hyper_sums(params, grads, states, hc, self._hg_opts[gi], names), add)
+        return True
+
+    def _hg_onepass_group(self, gi, names, add) -> bool:
+        """Group ``gi``'s hyper-gradient and this step's update in one pass (the rule's
+        ``one_pass_kernel``); False where it does not apply (``_hg_kernel_inputs``)."""
+        fn = getattr(type(self), "one_pass_kernel", None)
+        got = self._hg_kernel_inputs(gi, names, fn)
+        if got is None:
+            return False
+        params, grads, states, h, step, hc = got
+        # the scalars of this update (the values now), as floats
+        vars = self._hg_vars[gi]
+        hf = {n: float(hv.value[0]) for n, hv in vars.items()}
+        c = self._hg_float_scalars(gi, "coefficients", {n: hv.value[0] for n, hv in vars.items()}, hf, step, 1)
+        self._hg_add_kernel_sums(gi, h, fn.run(params, grads, states, hc, c, self._hg_opts[gi], names), add)
         torch._foreach_add_([st["step"] for st in states], 1)
         rec = {"kind": "closed", "h": {n: hv.value[0].detach().clone() for n, hv in vars.items()}, "mask": None,
                "hf": hf}  # the values as floats, for the next step's scalars

@@ -12,7 +12,7 @@ the sign decisions (Yogi's, Lion's) do not involve them.
 
 from __future__ import annotations
 
-from hypergrad._onepass import _PRELUDE, _applies, _load, _sweep
+from hypergrad._onepass import _PRELUDE, _applies, _load, _sweep, _variants
 
 _MADA_SRC = _PRELUDE + r"""
 // c: the last update's closed-form scalars (from MADA.hyper_coefficients; MadaOnePass.run)
@@ -57,7 +57,7 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, f
     for (int64_t i = lo; i < hi; i += L) {
       const int64_t k = std::min(L, hi - i);
       const V gt = sg * V::loadu(g + i, k);
-      const V pi = V::loadu(p + i, k), mi = V::loadu(m + i, k), vi = V::loadu(v + i, k);
+      const V pi = LOAD_P, mi = V::loadu(m + i, k), vi = V::loadu(v + i, k);
       const V ni = V::loadu(n + i, k), vmi = V::loadu(vm + i, k), lmi = V::loadu(lm + i, k);
       const V gp = V::loadu(gs + i, k), nold = V::loadu(n0 + i, k);
       const V sig = load_i8(ys + i, k), lion0 = load_i8(ls + i, k);
@@ -90,7 +90,7 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, f
         }
         for (int j = 0; j < NS; ++j) s[j] = s[j] + t[j];
       }
-      // this step's update (MADA.apply)
+      // <update> this step's update (MADA.apply)
       const V diff = gt - gp;
       const V gh = gt + b3 * diff;
       const V gh2 = gh * gh;
@@ -117,6 +117,7 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, f
       ni.store(n0 + i, k);
       store_i8(ys + i, ysign, k);
       store_i8(ls + i, lion, k);
+      // </update>
     }
     for (int j = 0; j < NS; ++j) S[j] += vsum(s[j]);
   }
@@ -125,6 +126,7 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, f
 }
 """
 
+_MADA_SRC, _MADA_SUMS_SRC = _variants(_MADA_SRC)
 _MADA_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "v_mean", "lion_exp_avg", "previous_grad", "hg_n")
 _MADA_BYTES = ("hg_ysign", "hg_sign")
 _MADA_ARGS = ["float*", "const float*"] + ["float*"] * 7 + ["int8_t*", "int8_t*", "uintptr_t", "uintptr_t",
@@ -149,21 +151,36 @@ class MadaOnePass:
     @staticmethod
     def run(params, grads, states, hc: dict, c: dict, opts: dict, names) -> dict:
         """Update the group in place; return the hyper-gradients of ``names`` (floats)."""
-        f, e = hc, c  # the last update's scalars, this one's (floats)
+        return MadaOnePass._sweep(params, grads, states, hc, c, opts, names)
+
+    @staticmethod
+    def hyper_sums(params, grads, states, hc: dict, opts: dict, names) -> dict:
+        """The hyper-gradients of ``names`` of the last update, reading the group only (the
+        paper's order: its update follows, in the update kernel)."""
+        return MadaOnePass._sweep(params, grads, states, hc, None, opts, names)
+
+    @staticmethod
+    def _sweep(params, grads, states, hc: dict, c: dict | None, opts: dict, names) -> dict:
+        f = hc  # the last update's scalars; c: this one's (floats), None for the sums only
         ref, dec = bool(opts["reference"]), bool(opts["wd"])
         ibc3, k3 = (1.0, 0.0) if ref else (f["ibc3"], f["k3"])
         # the weight of v in v_hat (running mean included), over the bias correction
         mix = (f["rho"] if ref else f["rho"] + f["wrho"] * f["it"]) * f["ibc2"]
         consts = [f["b3"], f["iw3"], f["ib1"] + f["k1"], f["w1"] * f["ib1"] + 1.0, f["c"], f["wc"], f["w2"],
                   f["iv0"], 1.0 - f["wc"], f["ibc1"], f["b3"] * ibc3, f["rho"] * f["ibc2"], f["wrho"] * f["ibc2"],
-                  f["eps"], f["ieps"], mix, f["k2"], ibc3 * (1.0 + f["b3"] * k3), f["b3"] * ibc3] + [0.0] * 5 + \
-                 [e["b3"], e["w3"], e["c"], e["wc"], e["w1"], e["b2"], e["w2"], e["it"], e["tm1"], e["rho"],
-                  e["wrho"], e["ibc2"], 1.0 if ref else e["ibc3"], e["ibc1"], e["eps"], e["lb2"], e["wl2"],
-                  e["lb1"], e["wl1"], e["decay"] if dec else 1.0, e["lr"], e["gamma"], e["wgamma"],
-                  -1.0 if opts.get("maximize") else 1.0]
-        flags = int(dec) | (2 if ref else 0) | (4 if e["w1"] >= 0.5 else 0) | (8 if e["w3"] >= 0.5 else 0)
-        s = _sweep(_load(_MADA_SRC, _MADA_ARGS), params, grads, states, _MADA_KEYS + _MADA_BYTES, consts,
-                   flags, 10)
+                  f["eps"], f["ieps"], mix, f["k2"], ibc3 * (1.0 + f["b3"] * k3), f["b3"] * ibc3] + [0.0] * 5
+        if c is not None:
+            e = c
+            consts += [e["b3"], e["w3"], e["c"], e["wc"], e["w1"], e["b2"], e["w2"], e["it"], e["tm1"], e["rho"],
+                       e["wrho"], e["ibc2"], 1.0 if ref else e["ibc3"], e["ibc1"], e["eps"], e["lb2"], e["wl2"],
+                       e["lb1"], e["wl1"], e["decay"] if dec else 1.0, e["lr"], e["gamma"], e["wgamma"]]
+            flags = int(dec) | (2 if ref else 0) | (4 if e["w1"] >= 0.5 else 0) | (8 if e["w3"] >= 0.5 else 0)
+        else:
+            consts += [0.0] * 23
+            flags = int(dec) | (2 if ref else 0)
+        consts.append(-1.0 if opts.get("maximize") else 1.0)
+        s = _sweep(_load(_MADA_SRC if c is not None else _MADA_SUMS_SRC, _MADA_ARGS), params, grads, states,
+                   _MADA_KEYS + _MADA_BYTES, consts, flags, 10)
         # the sums: 0 g adam, 1 g lion, 2 g x, 3 beta1's, 4 beta2's, 5 and 6 beta3's two terms, 7 c's,
         # 8 rho's, 9 eps's (kernel comments); with lr gamma g_t d adam / d v_hat = -e / 2
         lr, gam, wv = f["lr"], f["gamma"], mix * f["w2"]

@@ -81,7 +81,9 @@ def _grads(params, t):
 _ALL_MADA = ["beta1", "beta2", "beta3", "c", "rho", "gamma", "lr", "eps", "weight_decay"]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+# the sums kernel (paper order) shares the one-pass kernel's threading: one thread suffices
+@pytest.mark.parametrize("one_pass,threads", [(True, 1), (True, 2), (False, 1)],
+                         ids=["one-pass-1", "one-pass-2", "paper-order-1"])
 @pytest.mark.parametrize("kw", [
     dict(cls=hg.Adam), dict(cls=hg.AdamW, weight_decay=0.1), dict(cls=hg.Adam, maximize=True),
     dict(cls=hg.Adam, betas=(0.3, 0.9)), dict(cls=hg.Adam, eps=0.0),
@@ -92,11 +94,12 @@ _ALL_MADA = ["beta1", "beta2", "beta3", "c", "rho", "gamma", "lr", "eps", "weigh
     dict(cls=MADA, variant="reference", c=0.2, rho=0.3, learn=_ALL_MADA)],
     ids=["adam", "adamw", "maximize", "lerp-high", "eps0", "mada", "mada-mixed-wd", "mada-reference",
          "mada-maximize-lerp-high", "mada-all-names", "mada-reference-all-names"])
-def test_kernel_agrees_with_eager(kw, threads):
-    """The hand-written one-pass kernels (float32, CPU) compute what the eager path computes:
-    the parameters, the hyper-gradients of every name they cover, the hyperparameters after the
-    hyper-steps. (The MADA cases move every coefficient off its corner, so that no term vanishes;
-    learning eps lets the projection put it at 0, where 1/eps is inf.)"""
+def test_kernel_agrees_with_eager(kw, threads, one_pass):
+    """The hand-written kernels (float32, CPU) compute what the eager path computes: the
+    parameters, the hyper-gradients of every name they cover, the hyperparameters after the
+    hyper-steps; with ``one_pass=True`` the one-pass kernel, in the paper's order the sums-only
+    kernel before the compiled update. (The MADA cases move every coefficient off its corner, so
+    that no term vanishes; learning eps lets the projection put it at 0, where 1/eps is inf.)"""
     kw = dict(kw)
     cls = kw.pop("cls")
     old = torch.get_num_threads()
@@ -105,13 +108,13 @@ def test_kernel_agrees_with_eager(kw, threads):
         runs = []
         for compile in (False, True):
             params = _model()
-            opt = cls(params, lr=1e-2, hyper=hg.SGD(lr=1e-9), one_pass=True,
+            opt = cls(params, lr=1e-2, hyper=hg.SGD(lr=1e-9), one_pass=one_pass,
                       compile=compile, **kw)
             fused = []
             for t in range(12):
                 _grads(params, t)
                 opt.step()
-                fused.append(bool(opt._hg_fused))
+                fused.append(bool(opt._hg_fused if one_pass else opt._hg_summed))
             runs.append((params, opt, fused))
         (pe, oe, fe), (pf, of, ff) = runs
         assert not any(fe) and all(ff[2:]), (fe, ff)  # the kernel ran from the third step on
