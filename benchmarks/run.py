@@ -140,8 +140,11 @@ def section_parts(args):
         "torch Adam (fused) step": fused.step,
         "hyper-Adam step": opt.step,
         "update kernel": lambda: opt._hg_update_compiled(0, opt._hg_kind(0), None),
-        "hyper-gradient kernel": lambda: opt._hg_terms_compiled(0, opt._hg_kind(0), names, lambda *a: None),
+        "hyper-gradient kernel (inductor)": lambda: opt._hg_terms_compiled(0, opt._hg_kind(0), names,
+                                                                           lambda *a: None),
     }
+    if args.device == "cpu":  # the hand-written sums kernel that the step uses on float32 CPU tensors
+        runs["hyper-gradient kernel (hand-written)"] = lambda: opt._hg_sums_group(0, names, lambda *a: None)
     # the floor of the paper's order: the four arrays the hyper-gradient pass reads (g_t, m, v,
     # g_{t-1}), summed with no other arithmetic, in one compiled kernel
     st = [opt.state[p] for p in opt.param_groups[0]["params"]]

@@ -17,6 +17,10 @@ the sums
 of ``Adam.hyper_apply`` with the scalar factors taken out of the sums (``docs/math.md``), then
 ``m, v, x`` of ``Adam.apply``. Float32 lanes sum blocks of 4096 elements; blocks add up in
 float64. Built with inductor's C++ toolchain (the one ``compile=True`` uses) on first use.
+
+Each one-pass kernel has a sums-only twin (``_variants``: the same loop without its update),
+which the paper's order runs before its compiled update: inductor's CPU reductions ran at a
+third of memory speed on AVX2. The module also holds the finiteness check of the gradients.
 """
 
 from __future__ import annotations
