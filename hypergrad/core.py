@@ -1153,16 +1153,17 @@ class HyperOptimizer(torch.optim.Optimizer):
                 self._hg_fused.add(gi)
                 covered.update(id(p) for p in group["params"])
                 continue
-            if kind == "closed" and self._hg_compiles(gi) and not self._hg_lag and \
-                    self._hg_try(self._hg_sums_group, gi, names, add):
-                self._hg_summed.add(gi)
-                if covers:
-                    covered.update(id(p) for p in group["params"])
-                continue
-            if kind != "autograd" and self._hg_compiles(gi) and self._hg_try(self._hg_terms_compiled, gi, kind, names, add):
-                if covers:
-                    covered.update(id(p) for p in group["params"])
-                continue
+            if kind != "autograd" and self._hg_compiles(gi):
+                # a hand-written sums kernel of the closed form, else inductor's kernel
+                done = kind == "closed" and self._hg_try(self._hg_sums_group, gi, names, add)
+                if done:
+                    self._hg_summed.add(gi)
+                else:  # (a failed kernel turns compilation off: check again)
+                    done = self._hg_compiles(gi) and self._hg_try(self._hg_terms_compiled, gi, kind, names, add)
+                if done:
+                    if covers:
+                        covered.update(id(p) for p in group["params"])
+                    continue
             hcoef = self._hg_group_scalars(gi, "hyper_coefficients", 0) if kind == "closed" else None
             for i, p in enumerate(group["params"]):
                 st = self.state.get(p)
@@ -1269,15 +1270,11 @@ class HyperOptimizer(torch.optim.Optimizer):
         import torch.distributed as dist
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
-    def _hg_group_scalars(self, gi, attr, ahead, floats=False):
+    def _hg_group_scalars(self, gi, attr, ahead):
         """The rule's scalars ``attr`` (``coefficients`` for the update, with the values now;
         ``hyper_coefficients`` for the closed form, with the values recorded at the last step),
         computed once for group ``gi`` where every tensor has a state with the same step count
-        and the same single values; else None (each tensor then computes its own).
-
-        ``floats``: as Python floats (double precision, no tensor operations: a one-pass kernel
-        takes its scalars as numbers); with tensors where a float division by zero stops that
-        (a tensor gives inf)."""
+        and the same single values; else None (each tensor then computes its own)."""
         if getattr(type(self), attr, None) is None or any(len(hv.value) != 1 for hv in self._hg_vars[gi].values()):
             return None
         params = self.param_groups[gi]["params"]
@@ -1300,13 +1297,13 @@ class HyperOptimizer(torch.optim.Optimizer):
             if h is None or any(r is None or r["kind"] != "closed" or (r["h"] is not h and any(
                     r["h"][n] is not x for n, x in h.items())) for r in recs):
                 return None
-        if not floats:
-            return getattr(self, attr)(h, step + ahead, self._hg_opts[gi])
-        return self._hg_float_scalars(gi, attr, h, {n: float(x) for n, x in h.items()}, step, ahead)
+        return getattr(self, attr)(h, step + ahead, self._hg_opts[gi])
 
     def _hg_float_scalars(self, gi, attr, h, hf, step, ahead):
-        """The rule's scalars ``attr`` as Python floats, from the values ``h`` (tensors) given
-        also as floats ``hf``, at step count ``step + ahead``."""
+        """The rule's scalars ``attr`` as Python floats (double precision, no tensor operations: a
+        hand-written kernel takes its scalars as numbers), from the values ``h`` (tensors) given
+        also as floats ``hf``, at step count ``step + ahead``; with tensors where a float
+        division by zero stops that (a tensor gives inf)."""
         fn, opts = getattr(self, attr), self._hg_opts[gi]
         try:
             out = fn(hf, float(step) + ahead, opts)

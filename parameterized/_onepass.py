@@ -151,16 +151,16 @@ class MadaOnePass:
     @staticmethod
     def run(params, grads, states, hc: dict, c: dict, opts: dict, names) -> dict:
         """Update the group in place; return the hyper-gradients of ``names`` (floats)."""
-        return MadaOnePass._sweep(params, grads, states, hc, c, opts, names)
+        return MadaOnePass._kernel(params, grads, states, hc, c, opts, names)
 
     @staticmethod
     def hyper_sums(params, grads, states, hc: dict, opts: dict, names) -> dict:
         """The hyper-gradients of ``names`` of the last update, reading the group only (the
         paper's order: its update follows, in the update kernel)."""
-        return MadaOnePass._sweep(params, grads, states, hc, None, opts, names)
+        return MadaOnePass._kernel(params, grads, states, hc, None, opts, names)
 
     @staticmethod
-    def _sweep(params, grads, states, hc: dict, c: dict | None, opts: dict, names) -> dict:
+    def _kernel(params, grads, states, hc: dict, c: dict | None, opts: dict, names) -> dict:
         f = hc  # the last update's scalars; c: this one's (floats), None for the sums only
         ref, dec = bool(opts["reference"]), bool(opts["wd"])
         ibc3, k3 = (1.0, 0.0) if ref else (f["ibc3"], f["k3"])
