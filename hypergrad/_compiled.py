@@ -79,6 +79,10 @@ def _build(fn, args):
         return torch._inductor.compile(gm, fake, options=_INDUCTOR)
 
 
+def _layout(args) -> tuple:
+    return tuple([(tuple(x.shape), x.stride()) for x in args])
+
+
 def _tensors(c: dict, inputs) -> list:
     """The tensors among the scalars ``c`` that the kernel computes (not its inputs)."""
     ids = {id(x) for x in inputs}
@@ -97,11 +101,28 @@ class GroupKernels:
         self.rule = rule
         self._cache: dict = {}
 
-    def _get(self, key, make, args):
+    def _run(self, key, make, args):
+        """Run the kernel of configuration ``key`` on ``args``, compiled on first use for their
+        layout. A compiled kernel reads its inputs' memory as the dtypes and devices it was
+        built for without checking them (a float64 tensor given to a float32 kernel is read as
+        float32; a tensor of another device crashes the process), so these are part of the key.
+        Sizes and strides it asserts itself before it touches any tensor: where they no longer
+        match (a transposed or channels-last gradient after contiguous ones, a state loaded
+        with other strides), the kernel of the new layout is looked up or compiled, and becomes
+        the one tried first."""
+        key = key + (tuple([(x.dtype, x.device) for x in args]),)
         fn = self._cache.get(key)
         if fn is None:
-            fn = self._cache[key] = _build(make(), args)
-        return fn
+            fn = self._cache[key] = self._cache[key, _layout(args)] = _build(make(), args)
+        try:
+            return fn(*args)
+        except AssertionError:  # inductor's assert_size_stride: another layout
+            lay = _layout(args)
+            fn = self._cache.get((key, lay))
+            if fn is None:
+                fn = self._cache[key, lay] = _build(make(), args)
+            self._cache[key] = fn
+            return fn(*args)
 
     # ------------------------------------------------------------------ update
     def update(self, params, grads, states, keys, hvals, names, opts, split=False):
@@ -151,7 +172,7 @@ class GroupKernels:
                         svals[i][j].copy_(new[k])
                 return out
             return run
-        self._get(cfg, make, args)(*args)
+        self._run(cfg, make, args)
         for st in states:
             for k, j in alias.items():
                 st[k], st[j] = st[j], st[k]
@@ -206,7 +227,7 @@ class GroupKernels:
                     return list(out) + extra
                 return [x for row in out for x in row] + extra
             return run
-        res = self._get(cfg, make, args)(*args)
+        res = self._run(cfg, make, args)
         if not per_tensor:
             return list(res[:nl])
         return [list(res[i * nl:(i + 1) * nl]) for i in range(n)]

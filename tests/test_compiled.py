@@ -73,6 +73,51 @@ def test_compiled_falls_back_where_gradients_are_missing(float64_default):
     _check(res, "missing grads")
 
 
+def _strided(p):
+    """p's gradient with the same values in another layout (a transposed copy's strides)."""
+    return p.grad.t().contiguous().t() if p.grad.dim() == 2 else p.grad
+
+
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_compiled_follows_a_change_of_layout(one_pass, float64_default):
+    """Gradients whose strides change between steps (as after a transpose in the model), then
+    a model and state that change dtype (``p.data = p.data.float()`` and a ``load_state_dict``,
+    which casts the state to the parameters' dtype): the compiled kernels are keyed
+    by dtype and device and recompiled for a new layout, so the compiled run stays compiled and
+    computes what the eager run does. (A kernel compiled for the first layout used to raise at the
+    transposed gradient, and compile=True then stayed off for the run; one given float32 tensors
+    read their memory as float64.)"""
+    res = []
+    for compile in (False, True):
+        model = MLP()
+        opt = hg.Adam(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=1e-5), one_pass=one_pass, compile=compile)
+        for t in range(1, 13):
+            if t == 9:  # the model in float32 from here, its optimizer's state cast by loading it
+                sd = opt.state_dict()
+                for p in model.parameters():
+                    p.data = p.data.float()
+                opt.load_state_dict(sd)
+            x, y = batch(t, dtype=next(model.parameters()).dtype)
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            if t in (4, 5, 7, 10):
+                for p in model.parameters():
+                    p.grad = _strided(p)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # a failed kernel would warn
+                opt.step()
+        assert opt._hg_compile == compile
+        res.append((model, opt))
+    (m1, o1), (m2, o2) = res
+    layouts = {k[-1] for gk in o2._hg_kernels.values() for k in gk._cache if isinstance(k[0], tuple)}
+    assert len(layouts) >= 2, "no kernel was compiled for the second layout"
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for k, v in o1.hyperparameters().items():
+        torch.testing.assert_close(o2.hyperparameters()[k], v, rtol=1e-5, atol=1e-9)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_compiled_matches_eager_every_optimizer(case, float64_default):
