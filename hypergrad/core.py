@@ -858,15 +858,20 @@ class HyperOptimizer(torch.optim.Optimizer):
         backend = self._hg_backend
         if backend == "autograd":
             return "autograd"
-        if self._hg_lag:  # its record before last: recorded copies (a few scalars)
-            if backend != "auto":
-                raise RuntimeError(f"{type(self).__name__}: backend={backend!r} is not available on a level above "
-                                   f"a one_pass=True bottom level (it differentiates its update before last, "
-                                   f"from recorded copies: backend='autograd' or 'auto')")
-            return "autograd"
         cls = type(self)
         ok = self.closed_form_ok(self._hg_opts[gi], self._hg_vars[gi])
         closed = cls.hyper_terms is not None and bool(ok)
+        if self._hg_lag:
+            # its update before last: the closed form at the state that update left (its record
+            # keeps it: references to the state tensors, which the eager update replaces rather
+            # than overwrites), else autograd through recorded copies; a restore from the state
+            # now would rebuild the last update, not that one
+            if backend == "restore" or (backend == "closed" and not closed):
+                why = "it differentiates its update before last, from its record" if backend == "restore" else (
+                    getattr(ok, "reason", None) or f"{cls.__name__} has no closed form")
+                raise RuntimeError(f"{cls.__name__}: backend={backend!r} is not available on a level above a "
+                                   f"one_pass=True bottom level ({why}): backend='closed', 'autograd' or 'auto'")
+            return "closed" if closed else "autograd"
         # the projection of a hyper level's parameters (clipping) cannot be undone: those
         # scalars keep recorded copies
         projected = any(p in self._hg_proj for p in self.param_groups[gi]["params"])
@@ -897,7 +902,9 @@ class HyperOptimizer(torch.optim.Optimizer):
             if gi in skip:
                 continue
             kind = self._hg_kind(gi) if snaps is not None else None
-            if kind != "autograd" and self._hg_compiles(gi) and self._hg_try(self._hg_update_compiled, gi, kind, snaps):
+            # (a level above a one_pass bottom level keeps lagged records: the eager update)
+            if kind != "autograd" and not self._hg_lag and self._hg_compiles(gi) and \
+                    self._hg_try(self._hg_update_compiled, gi, kind, snaps):
                 continue
             self._hg_update_eager(gi, kind, snaps)
 
@@ -948,6 +955,9 @@ class HyperOptimizer(torch.optim.Optimizer):
                         "state": old,
                         "h": hs,
                     })
+                elif self._hg_lag:  # closed: the parameter and the state this update leaves (below)
+                    lagged = {"kind": kind, "h": hs, "mask": mask}
+                    self._hg_record(st, lagged)
                 else:  # the rule's update saved what its closed form / restore needs (hg_* state)
                     st[_RECORD] = {"kind": kind, "h": hs, "mask": mask}
             for k, v in new_state.items():
@@ -964,6 +974,9 @@ class HyperOptimizer(torch.optim.Optimizer):
                         v = v.clone()
                     st[k] = v
             p.copy_(new_p)
+            if kind == "closed" and self._hg_lag:
+                lagged["p"] = p.detach().clone()  # x_s, which the next update overwrites
+                lagged["state"] = {k: v for k, v in st.items() if k != _RECORD and k != _PREV}
             if compiles:
                 keysets.add((frozenset(old), frozenset(new_state)) if b is None else None)
         # the state is stable (same keys before and after, for every tensor): it can be compiled
@@ -1153,7 +1166,7 @@ class HyperOptimizer(torch.optim.Optimizer):
                 self._hg_fused.add(gi)
                 covered.update(id(p) for p in group["params"])
                 continue
-            if kind != "autograd" and self._hg_compiles(gi):
+            if kind != "autograd" and self._hg_compiles(gi) and not self._hg_lag:
                 # a hand-written sums kernel of the closed form, else inductor's kernel
                 done = kind == "closed" and self._hg_try(self._hg_sums_group, gi, names, add)
                 if done:
@@ -1164,7 +1177,9 @@ class HyperOptimizer(torch.optim.Optimizer):
                     if covers:
                         covered.update(id(p) for p in group["params"])
                     continue
-            hcoef = self._hg_group_scalars(gi, "hyper_coefficients", 0) if kind == "closed" else None
+            # (a level above a one_pass bottom level: each tensor's record of its update before last)
+            hcoef = self._hg_group_scalars(gi, "hyper_coefficients", 0) if kind == "closed" and not self._hg_lag \
+                else None
             for i, p in enumerate(group["params"]):
                 st = self.state.get(p)
                 rec = st.get(_PREV if self._hg_lag else _RECORD) if st else None
@@ -1174,11 +1189,14 @@ class HyperOptimizer(torch.optim.Optimizer):
                     covered.add(id(p))
                 gt = self._hg_grad(p, opts)
                 if rec["kind"] == "closed":
-                    pc = _compute(p)
-                    if hcoef is not None:
-                        terms = self.hyper_apply(gt, pc, st, hcoef, opts, names)
+                    if "state" in rec:  # the update before last, at what it left (_hg_update_eager)
+                        pc, sr = _compute(rec["p"]), rec["state"]
                     else:
-                        terms = self.hyper_terms(gt, pc, st, rec["h"], opts, names)
+                        pc, sr = _compute(p), st
+                    if hcoef is not None:
+                        terms = self.hyper_apply(gt, pc, sr, hcoef, opts, names)
+                    else:
+                        terms = self.hyper_terms(gt, pc, sr, rec["h"], opts, names)
                     vals = reduce_terms(terms, names, [vars[n].value[0].dtype for n in names],
                                         [vars[n].scope == "element" for n in names], p, rec["mask"])
                     for n, val in zip(names, vals):

@@ -17,6 +17,7 @@ import hypergrad as hg
 from parameterized import MADA
 from fd import fd_grad, our_raw_grad, step_size
 from helpers import MLP, train
+from table import CASES
 
 T = 7
 
@@ -63,6 +64,34 @@ def test_stack_levels_2_and_3_finite_differences(bottom):
     targets = [(0, n) for n in opt.learned] + [(1, n) for n in opt.hyper.learned] + \
         [(2, n) for n in opt.hyper.hyper.learned]
     check(build, targets)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_levels_above_closed_form_is_autograd(case):
+    """Every optimizer as level 2 of a one-pass stack, learning every learnable name: its
+    closed form, at the parameter and state its update before last left (the record keeps
+    them), gives what autograd through recorded copies gives (backend="autograd"), to float64
+    rounding: the hyper-gradients of every level and the trajectories."""
+    runs = []
+    for backend in ("auto", "autograd"):
+        model = MLP()
+        l2 = case.ours(**case.hyper_kw, learn=case.learnable, backend=backend, hyper=hg.SGD(lr=1e-6))
+        opt = hg.Adam(model.parameters(), lr=0.01, hyper=l2, one_pass=True, compile=False)
+        train(model, opt, T)
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    l2 = o1.hyper
+    closed = [gi for gi in range(len(l2.param_groups)) if l2._hg_kind(gi) == "closed"]
+    if type(l2).hyper_terms is not None and l2.closed_form_ok(l2._hg_opts[0], l2._hg_vars[0]):
+        assert closed, "the closed form was not used"
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    for x, y in zip(o1.levels, o2.levels):
+        for n, v in x.hyperparameters().items():
+            torch.testing.assert_close(v, y.hyperparameters()[n], rtol=1e-10, atol=1e-14, msg=n)
+        for n, v in x.hypergradients().items():
+            if v is not None:
+                torch.testing.assert_close(v, y.hypergradients()[n], rtol=1e-8, atol=1e-14, msg=n)
 
 
 def _model(seed=0):
@@ -238,7 +267,8 @@ def test_errors():
         hg.Adam(p, one_pass=True)
     with pytest.raises(ValueError, match="True or False"):
         hg.Adam(p, hyper=hg.SGD(lr=1e-3), one_pass="yes")
-    opt = hg.Adam(p, hyper=hg.Adam(lr=1e-3, backend="closed", hyper=hg.SGD(lr=0.0)), one_pass=True)
+    # a level above differentiates its update before last: no restore from the state now
+    opt = hg.Adam(p, hyper=hg.Adam(lr=1e-3, backend="restore", hyper=hg.SGD(lr=0.0)), one_pass=True)
     p[0].grad = torch.ones(3)
     with pytest.raises(RuntimeError, match="one_pass"):
         opt.step()
