@@ -26,6 +26,7 @@ third of memory speed on AVX2. The module also holds the finiteness check of the
 from __future__ import annotations
 
 import array
+import bisect
 import weakref
 
 import torch
@@ -182,47 +183,53 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
     and ``byte_keys`` int8, all CPU, dense, contiguous, of ``p``'s size, and no two of them
     overlapping in memory (the kernel writes them in place). Called every step.
 
-    ``memo`` (a dict kept by the caller for the group): weak references to the parameters and
-    state tensors found fit at the last call; where they are the same objects on the same
-    storage, only the gradients are checked (a model's gradients are new tensors at every
-    backward), against the spans recorded."""
+    ``memo`` (a dict kept by the caller for the group): the parameters and state tensors found
+    fit at the last call, by identity (weak references whose death clears the memo, so an id
+    seen is the same object) and storage address; where they are the same, only the gradients
+    are checked (a model's gradients are new tensors at every backward), against the spans
+    recorded."""
     f32, i8, strided = torch.float32, torch.int8, torch.strided
     allkeys = keys + tuple(byte_keys)
     static = memo.get("static") if memo is not None else None
-    if static is not None and len(static) == len(params):
-        for (p0, ptr0, xs0, _), p, st in zip(static, params, states):
-            if p0() is not p or p.data_ptr() != ptr0 or any(st.get(k) is not x() for k, x in zip(allkeys, xs0)):
-                static = None
-                break
-    else:
-        static = None
+    if static is not None:
+        ids, ptrs, _, _, _ = static
+        if ids != tuple([id(x) for p, st in zip(params, states) for x in (p, *map(st.get, allkeys))]) or \
+                ptrs != tuple([p.data_ptr() for p in params]):
+            static = None
     if static is None:  # check the parameters and the state in full
-        static = []
+        spans = []
         for p, st in zip(params, states):
             n = p.numel()
             xs = tuple(st.get(k) for k in allkeys)
-            spans = []
             for x, dtype, size in [(p, f32, 4)] + [(x, f32 if j < len(keys) else i8, 4 if j < len(keys) else 1)
                                                    for j, x in enumerate(xs)]:
                 if x is None or x.dtype is not dtype or not x.is_cpu or x.layout is not strided \
                         or not x.is_contiguous() or x.numel() != n:
                     return False
-                spans.append((x.data_ptr(), x.data_ptr() + size * n))
-            spans.sort()
-            if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
-                return False
-            static.append((weakref.ref(p), p.data_ptr(), tuple(weakref.ref(x) for x in xs), spans))
+                if n:
+                    spans.append((x.data_ptr(), x.data_ptr() + size * n))
+        spans.sort()
+        if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+            return False
         if memo is not None:
-            memo["static"] = static
-    for p, (_, _, _, spans), g in zip(params, static, grads):
+            objs = [x for p, st in zip(params, states) for x in (p, *map(st.get, allkeys))]
+            clear = lambda _, memo=memo: memo.pop("static", None)  # noqa: E731
+            memo["static"] = static = (tuple(map(id, objs)), tuple([p.data_ptr() for p in params]),
+                                       [weakref.ref(x, clear) for x in objs],
+                                       [a for a, _ in spans], [b for _, b in spans])
+        else:
+            static = (None, None, None, [a for a, _ in spans], [b for _, b in spans])
+    starts, ends = static[3], static[4]
+    for p, g in zip(params, grads):
         n = p.numel()
         if g.dtype is not f32 or not g.is_cpu or g.layout is not strided or not g.is_contiguous() \
                 or g.numel() != n:
             return False
-        lo = g.data_ptr()
-        hi = lo + 4 * n
-        if n and any(lo < b and a < hi for a, b in spans):
-            return False
+        if n:  # [lo, hi) against the sorted, disjoint spans: the one starting before hi, and its end
+            lo = g.data_ptr()
+            j = bisect.bisect_left(starts, lo + 4 * n) - 1
+            if j >= 0 and ends[j] > lo:
+                return False
     return True
 
 

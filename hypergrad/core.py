@@ -941,9 +941,18 @@ class HyperOptimizer(torch.optim.Optimizer):
                     self._hg_record(st, None)
                     self.steps_skipped += 1
                     continue
-                if kind == "closed":  # where the projection clips, the derivative is 0
-                    mask = (new_p >= b[0]) & (new_p <= b[1])
-                new_p = new_p.clamp(b[0], b[1])
+                if new_p.numel() == 1 and new_p.is_cpu:
+                    # a hyper level's scalar: compare the number (three tensor operations cost
+                    # more than the rest of its step); finite, as just checked
+                    x = new_p.item()
+                    if not b[0] <= x <= b[1]:
+                        if kind == "closed":  # clipped: the derivative is 0
+                            mask = torch.zeros_like(new_p, dtype=torch.bool)
+                        new_p = new_p.clamp(b[0], b[1])
+                else:
+                    if kind == "closed":  # where the projection clips, the derivative is 0
+                        mask = (new_p >= b[0]) & (new_p <= b[1])
+                    new_p = new_p.clamp(b[0], b[1])
             if kind is not None:
                 hs = {n: snaps[id(hv)][0 if len(hv.value) == 1 else i] for n, hv in vars.items()}
                 if kind == "autograd":
@@ -1493,10 +1502,11 @@ class HyperOptimizer(torch.optim.Optimizer):
             if clip is not None:  # the level above receives a clipped hyper-gradient
                 gq = gq * torch.clamp(clip / (torch.linalg.vector_norm(gq) + 1e-30), max=1.0)
             raw_grad = gq * hv.transform.dq_dz(snap.to(gq.dtype)) if hv.transform.name else gq
-            hv.raw[idx].grad = raw_grad.to(hv.raw[idx].dtype)
+            r = hv.raw[idx]
+            r.grad = raw_grad if raw_grad.dtype == r.dtype else raw_grad.to(r.dtype)
         if acc:  # one check (and one host sync) per level: NaN/inf anywhere makes the sum non-finite
             vals = list(acc.values())
-            if all(v.dim() == 0 and v.device.type == "cpu" for v in vals):
+            if all(v.dim() == 0 and v.is_cpu for v in vals):
                 finite = all(math.isfinite(v.item()) for v in vals)
             else:
                 total = vals[0].sum() if len(vals) == 1 else torch.stack([v.sum() for v in vals]).sum()

@@ -424,3 +424,36 @@ def test_each_parameter_owns_its_step_counter(case):
     steps = [st["step"] for p, st in opt.state.items() if p in set(model.parameters())]
     assert len({id(s) for s in steps}) == len(steps) == 4
     assert all(float(s) == 4 for s in steps)
+
+
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_clipped_hyperparameters_closed_form_is_autograd(one_pass):
+    """A hyper level that pushes the hyperparameters below it against their bounds: where the
+    projection clipped a value, its derivative is 0 for the level above. The closed form (a
+    hyper level's single numbers are compared as numbers) gives what autograd through the
+    clamp gives, at every level."""
+    runs = []
+    for backend in ("auto", "autograd"):
+        model = MLP()
+        top = hg.SGD(lr=1e-3)
+        mid = hg.SGD(lr=3.0, momentum=0.5, weight_decay=0.01, learn=["lr", "momentum", "weight_decay"],
+                     backend=backend, hyper=top)
+        opt = hg.Adam(model.parameters(), lr=1e-2, bounds={"beta1": (0.5, 0.9), "beta2": (0.9, 0.999)},
+                      hyper=mid, one_pass=one_pass, compile=False)
+        clipped = 0
+        for t in range(1, 13):
+            train(model, opt, 1, start=t - 1)
+            hp = opt.hyperparameters()
+            clipped += float(hp["beta1"]) in (0.5, 0.9) or float(hp["beta2"]) in (0.9, 0.999)
+        runs.append((model, opt, clipped))
+    (m1, o1, c1), (m2, o2, c2) = runs
+    assert c1 >= 3 and c1 == c2, (c1, c2)  # the bounds were hit, in both runs alike
+    assert o1.hyper._hg_kind(0) == "closed" and o2.hyper._hg_kind(0) == "autograd"
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    for x, y in zip(o1.levels, o2.levels):
+        for n, v in x.hyperparameters().items():
+            torch.testing.assert_close(v, y.hyperparameters()[n], rtol=1e-10, atol=1e-14, msg=n)
+        for n, v in x.hypergradients().items():
+            if v is not None:
+                torch.testing.assert_close(v, y.hypergradients()[n], rtol=1e-8, atol=1e-14, msg=n)
