@@ -43,7 +43,9 @@ import torch
 # ATen computes them, sign bytes, and a mask of the lanes of a vector that lie inside the tensor
 _PRELUDE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
+#include <algorithm>
 #include <cmath>
+#include <vector>
 #include <omp.h>
 using V = at::vec::Vectorized<float>;
 
@@ -90,6 +92,28 @@ static inline void store_i8(int8_t* x, const V& s, int64_t k) {
   s.store(t);
   for (int64_t j = 0; j < k; ++j) x[j] = (int8_t)t[j];
 }
+// a group's tensors as one range of blocks of B elements, so that one call and one parallel
+// loop cover the group: tensor j holds k arrays, at addresses ptrs[j k .. j k + k), of lens[j]
+// elements, and blocks first[j] .. first[j + 1] (one call per tensor cost 3-4 us of Python and
+// a parallel region each; a model has tens to hundreds of tensors)
+struct Blocks {
+  static constexpr int64_t B = 4096;
+  const int64_t* ptrs;
+  const int64_t* lens;
+  int64_t nt, k;
+  std::vector<int64_t> first;
+  Blocks(uintptr_t p, uintptr_t l, int64_t nt_, int64_t k_)
+      : ptrs(reinterpret_cast<const int64_t*>(p)), lens(reinterpret_cast<const int64_t*>(l)), nt(nt_), k(k_),
+        first(nt_ + 1, 0) {
+    for (int64_t j = 0; j < nt; ++j) first[j + 1] = first[j] + (lens[j] + B - 1) / B;
+  }
+  int64_t count() const { return first[nt]; }
+  int64_t threads(int64_t want) const { return std::max<int64_t>(1, std::min<int64_t>(want, count())); }
+  int64_t tensor(int64_t b) const {  // the tensor of block b (empty tensors have no block)
+    return std::upper_bound(first.begin(), first.end(), b) - first.begin() - 1;
+  }
+  template <typename T> T* at(int64_t j, int64_t a) const { return reinterpret_cast<T*>(ptrs[j * k + a]); }
+};
 // the first k lanes (the lanes of a last, partial vector past the end hold zeros, which make
 // 0 * inf where eps = 0: the sums leave them out)
 static inline V lanes(int64_t k) {
@@ -102,14 +126,15 @@ static inline V lanes(int64_t k) {
 _SRC = _PRELUDE + r"""
 // c: 0 isb2, 1 eps (last), 2 ieps, 3-7 (unused here: _adam_hypergrads applies them),
 //    8 w1, 9 b2, 10 w2, 11 ibc2_sqrt, 12 eps (now), 13 step_size, 14 decay, 15 sign of g
-extern "C" void kernel(float* p, const float* g, float* m, float* v, float* gs, uintptr_t out_,
-                       uintptr_t c_, int64_t n, int64_t flags, int64_t nthreads) {
+// each tensor: p, g, m, v, g_s (Blocks)
+extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr_t out_, uintptr_t c_,
+                       int64_t flags, int64_t nthreads) {
   double* out = reinterpret_cast<double*>(out_);            // (Python buffers: see _sweep)
   const double* c = reinterpret_cast<const double*>(c_);
-  const int64_t B = 4096, L = V::size();
-  const int64_t nb = (n + B - 1) / B;
+  const Blocks G(ptrs, lens, ntensors, 5);
+  const int64_t B = Blocks::B, L = V::size(), nb = G.count();
   double S0 = 0, S1 = 0, S2 = 0, S3 = 0, S4 = 0;
-  #pragma omp parallel num_threads(nthreads) reduction(+:S0,S1,S2,S3,S4)
+  #pragma omp parallel num_threads(G.threads(nthreads)) reduction(+:S0,S1,S2,S3,S4)
   {
   // the scalars as each thread's own locals: declared outside the parallel region, every use
   // went through a pointer to the shared copy (7-15 % of the kernel's time on AVX2)
@@ -121,7 +146,11 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* gs, 
   const V w1m1 = w1 - one;
   #pragma omp for schedule(static)
   for (int64_t b = 0; b < nb; ++b) {
-    const int64_t lo = b * B, hi = std::min(n, lo + B);
+    const int64_t j = G.tensor(b), n = G.lens[j];
+    float* p = G.at<float>(j, 0);
+    const float* g = G.at<const float>(j, 1);
+    float *m = G.at<float>(j, 2), *v = G.at<float>(j, 3), *gs = G.at<float>(j, 4);
+    const int64_t lo = (b - G.first[j]) * B, hi = std::min(n, lo + B);
     V s0(0.f), s1(0.f), s2(0.f), s3(0.f), s4(0.f);
     for (int64_t i = lo; i < hi; i += L) {
       const int64_t k = std::min(L, hi - i);
@@ -246,23 +275,29 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
 
 
 def _sweep(kernel, params, grads, states, keys, consts: list, flags: int, nsums: int) -> list:
-    """Run ``kernel`` over every tensor of a group; return the group's sums (float64).
+    """Run ``kernel`` over every tensor of a group, in one call (``Blocks``); return the group's
+    sums (float64).
 
     The scalars and the sums travel in Python ``array`` buffers, passed by address (a float64
     tensor made from a list and read back cost 20-40 us a step)."""
     c = array.array("d", consts)
     out = array.array("d", bytes(8 * nsums))  # zeros: the kernel adds its sums to it
-    cp, op = c.buffer_info()[0], out.buffer_info()[0]
-    nt = torch.get_num_threads()
+    ptrs = array.array("q")
     for p, g, st in zip(params, grads, states):
-        kernel(p, g, *(st[key] for key in keys), op, cp, p.numel(), flags, nt)
+        ptrs.append(p.data_ptr())
+        ptrs.append(g.data_ptr())
+        ptrs.extend([st[key].data_ptr() for key in keys])
+    lens = array.array("q", [p.numel() for p in params])
+    # (the tensors stay referenced by the caller for the call: the kernel holds addresses only)
+    kernel(ptrs.buffer_info()[0], lens.buffer_info()[0], len(params), out.buffer_info()[0], c.buffer_info()[0],
+           flags, torch.get_num_threads())
     return out.tolist()
 
 
 _SRC, _SUMS_SRC = _variants(_SRC, "(dec ? V::loadu(p + i, k) : zero)")  # without S3, no read of p
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq", "hg_gprev")
-_ADAM_ARGS = ["float*", "const float*", "float*", "float*", "float*", "uintptr_t", "uintptr_t",
-              "int64_t", "int64_t", "int64_t"]
+_GROUP_ARGS = ["uintptr_t", "uintptr_t", "int64_t", "uintptr_t", "uintptr_t", "int64_t", "int64_t"]
+_ADAM_ARGS = _GROUP_ARGS
 
 
 def adam(params, grads, states, hc: dict, c: dict | None, opts: dict) -> list:
@@ -327,35 +362,42 @@ class AdamOnePass:
 # the largest |x| of float32 x as the bits say it (integer operations, unaffected by any
 # floating-point flag): inf is 0x7f800000 and NaN above, every finite value below. One read.
 _FINITE_SRC = _PRELUDE + r"""
-extern "C" void kernel(const int32_t* x, int64_t n, uintptr_t bad_, int64_t nthreads) {
+// every tensor j of ptrs/lens (Blocks' layout, one array each); each thread reads its share of
+// each tensor as four streams at once, a quarter each: one stream is bound by the latency of
+// its misses (10.8 GB/s on an EPYC core, 16.2 GB/s with four)
+extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr_t bad_, int64_t nthreads) {
   int64_t* bad = reinterpret_cast<int64_t*>(bad_);
+  const Blocks G(ptrs, lens, ntensors, 1);
   using VI = at::vec::Vectorized<int32_t>;
   const VI absm(0x7fffffff);
   const int64_t L = VI::size();
-  // each thread reads its share as four streams at once, a quarter each: one stream is bound by
-  // the latency of its misses (10.8 GB/s on an EPYC core, 16.2 GB/s with four)
-  const int64_t nv = n / L;                                 // whole vectors
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, nv / 4096));
+  int64_t total = 0;
+  for (int64_t j = 0; j < ntensors; ++j) total += G.lens[j];
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, total / (4096 * L)));
   int32_t top = 0;
   #pragma omp parallel for num_threads(nt) reduction(max:top) schedule(static)
   for (int64_t t = 0; t < nt; ++t) {
-    const int64_t v0 = nv * t / nt, v1 = nv * (t + 1) / nt;
-    const int64_t q = (v1 - v0) / 4;                       // vectors per stream
-    const int32_t* s0 = x + v0 * L;
-    const int32_t* s1 = s0 + q * L;
-    const int32_t* s2 = s1 + q * L;
-    const int32_t* s3 = s2 + q * L;
     VI a0(0), a1(0), a2(0), a3(0);
-    for (int64_t i = 0; i < q * L; i += L) {
-      a0 = at::vec::maximum(a0, VI::loadu(s0 + i) & absm);
-      a1 = at::vec::maximum(a1, VI::loadu(s1 + i) & absm);
-      a2 = at::vec::maximum(a2, VI::loadu(s2 + i) & absm);
-      a3 = at::vec::maximum(a3, VI::loadu(s3 + i) & absm);
+    for (int64_t j = 0; j < ntensors; ++j) {
+      const int32_t* x = G.at<const int32_t>(j, 0);
+      const int64_t n = G.lens[j], nv = n / L;              // whole vectors
+      const int64_t v0 = nv * t / nt, v1 = nv * (t + 1) / nt;
+      const int64_t q = (v1 - v0) / 4;                       // vectors per stream
+      const int32_t* s0 = x + v0 * L;
+      const int32_t* s1 = s0 + q * L;
+      const int32_t* s2 = s1 + q * L;
+      const int32_t* s3 = s2 + q * L;
+      for (int64_t i = 0; i < q * L; i += L) {
+        a0 = at::vec::maximum(a0, VI::loadu(s0 + i) & absm);
+        a1 = at::vec::maximum(a1, VI::loadu(s1 + i) & absm);
+        a2 = at::vec::maximum(a2, VI::loadu(s2 + i) & absm);
+        a3 = at::vec::maximum(a3, VI::loadu(s3 + i) & absm);
+      }
+      for (int64_t i = (v0 + 4 * q) * L; i < v1 * L; i += L)  // the vectors left over
+        a0 = at::vec::maximum(a0, VI::loadu(x + i) & absm);
+      if (t == nt - 1 && nv * L < n)                         // the last, partial vector: its lanes
+        a0 = at::vec::maximum(a0, VI::loadu(x + nv * L, n - nv * L) & absm);  // past the end load as 0
     }
-    for (int64_t i = (v0 + 4 * q) * L; i < v1 * L; i += L)  // the vectors left over
-      a0 = at::vec::maximum(a0, VI::loadu(x + i) & absm);
-    if (t == nt - 1 && nv * L < n)                         // the last, partial vector: its lanes
-      a0 = at::vec::maximum(a0, VI::loadu(x + nv * L, n - nv * L) & absm);  // past the end load as 0
     int32_t m[VI::size()];
     at::vec::maximum(at::vec::maximum(a0, a1), at::vec::maximum(a2, a3)).store(m);
     for (int64_t j = 0; j < L; ++j) top = std::max(top, m[j]);
@@ -374,10 +416,9 @@ def all_finite(xs: list) -> bool:
     """Whether every element of the tensors ``xs`` (``finite_kernel_applies``) is finite: one read
     of each, faster than the per-tensor sums the engine uses elsewhere (rows "check of the
     gradients" of ``benchmarks/run.py --only parts``)."""
-    k = _load(_FINITE_SRC, ["const int32_t*", "int64_t", "uintptr_t", "int64_t"])
+    k = _load(_FINITE_SRC, ["uintptr_t", "uintptr_t", "int64_t", "uintptr_t", "int64_t"])
     bad = array.array("q", [0])
-    b = bad.buffer_info()[0]
-    nt = torch.get_num_threads()
-    for x in xs:
-        k(x, x.numel(), b, nt)
+    ptrs = array.array("q", [x.data_ptr() for x in xs])
+    lens = array.array("q", [x.numel() for x in xs])
+    k(ptrs.buffer_info()[0], lens.buffer_info()[0], len(xs), bad.buffer_info()[0], torch.get_num_threads())
     return not bad[0]

@@ -12,7 +12,7 @@ the sign decisions (Yogi's, Lion's) do not involve them.
 
 from __future__ import annotations
 
-from hypergrad._onepass import _PRELUDE, _applies, _load, _sweep, _variants
+from hypergrad._onepass import _GROUP_ARGS, _PRELUDE, _applies, _load, _sweep, _variants
 
 _MADA_SRC = _PRELUDE + r"""
 // c: the last update's closed-form scalars (from MADA.hyper_coefficients; MadaOnePass.run)
@@ -25,16 +25,16 @@ _MADA_SRC = _PRELUDE + r"""
 //    43 decay, 44 lr, 45 gamma, 46 wgamma, 47 sign of g
 // flags: 1 weight decay, 2 reference variant, 4 lerp of m high, 8 lerp of n high
 // out: ten sums over the elements, added to (MadaOnePass.run turns them into the hyper-gradients)
-extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, float* vm, float* lm,
-                       float* gs, float* n0, int8_t* ys, int8_t* ls, uintptr_t out_, uintptr_t c_,
-                       int64_t len, int64_t flags, int64_t nthreads) {
+// each tensor (Blocks): p, g, m, v, n, v_mean, m_lion, g_prev, n_{s-1}, Yogi's and Lion's sign bytes
+extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr_t out_, uintptr_t c_,
+                       int64_t flags, int64_t nthreads) {
   double* out = reinterpret_cast<double*>(out_);            // (Python buffers: see _sweep)
   const double* c = reinterpret_cast<const double*>(c_);
-  const int64_t B = 4096, L = V::size();
-  const int64_t nb = (len + B - 1) / B;
+  const Blocks G(ptrs, lens, ntensors, 11);
+  const int64_t B = Blocks::B, L = V::size(), nb = G.count();
   constexpr int NS = 10;
   double S[NS] = {0};
-  #pragma omp parallel num_threads(nthreads) reduction(+:S[:NS])
+  #pragma omp parallel num_threads(G.threads(nthreads)) reduction(+:S[:NS])
   {
   // the scalars as each thread's own locals (a shared copy costs a pointer load at every use)
   const bool dec = flags & 1, ref = flags & 2, mhi = flags & 4, nhi = flags & 8;
@@ -51,7 +51,13 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, f
   const V w1m1 = w1 - one, w3m1 = w3 - one;
   #pragma omp for schedule(static)
   for (int64_t b = 0; b < nb; ++b) {
-    const int64_t lo = b * B, hi = std::min(len, lo + B);
+    const int64_t tj = G.tensor(b), len = G.lens[tj];
+    float* p = G.at<float>(tj, 0);
+    const float* g = G.at<const float>(tj, 1);
+    float *m = G.at<float>(tj, 2), *v = G.at<float>(tj, 3), *n = G.at<float>(tj, 4), *vm = G.at<float>(tj, 5);
+    float *lm = G.at<float>(tj, 6), *gs = G.at<float>(tj, 7), *n0 = G.at<float>(tj, 8);
+    int8_t *ys = G.at<int8_t>(tj, 9), *ls = G.at<int8_t>(tj, 10);
+    const int64_t lo = (b - G.first[tj]) * B, hi = std::min(len, lo + B);
     V s[NS];
     for (int j = 0; j < NS; ++j) s[j] = zero;
     for (int64_t i = lo; i < hi; i += L) {
@@ -129,8 +135,7 @@ extern "C" void kernel(float* p, const float* g, float* m, float* v, float* n, f
 _MADA_SRC, _MADA_SUMS_SRC = _variants(_MADA_SRC)
 _MADA_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "v_mean", "lion_exp_avg", "previous_grad", "hg_n")
 _MADA_BYTES = ("hg_ysign", "hg_sign")
-_MADA_ARGS = ["float*", "const float*"] + ["float*"] * 7 + ["int8_t*", "int8_t*", "uintptr_t", "uintptr_t",
-                                                        "int64_t", "int64_t", "int64_t"]
+_MADA_ARGS = _GROUP_ARGS
 
 
 class MadaOnePass:
