@@ -284,8 +284,9 @@ def test_finiteness_kernel(threads):
     torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(0)
-        # 131085: two threads' shares (of at least 4096 vectors each), four streams in each,
-        # vectors left over after the streams and a partial last vector
+        # 131085: two threads' shares (of at least 4096 vectors each), eight streams in each
+        # (their boundaries near sixteenths), vectors left over after the streams and a partial
+        # last vector
         sizes = [0, 1, 15, 16, 17, 63, 16384, 16385, 40000, 131085]
         assert _onepass.all_finite([torch.randn(n, generator=g) for n in sizes])
         extremes = torch.tensor([3.4028235e38, -3.4028235e38, 1e-45, -1e-45, 0.0, -0.0, 1.1754944e-38])
@@ -293,7 +294,7 @@ def test_finiteness_kernel(threads):
         for bad in (float("nan"), float("inf"), -float("inf")):
             for n in sizes[1:]:
                 edges = {0, n - 1, min(n - 1, 16383), min(n - 1, 16384)} | {
-                    max(0, min(n - 1, n * k // 8 + d)) for k in range(1, 8) for d in (-1, 0, 1)}
+                    max(0, min(n - 1, n * k // 16 + d)) for k in range(1, 16) for d in (-1, 0, 1)}
                 for i in sorted(edges):
                     xs = [torch.randn(n, generator=g) for n in (17, n, 5)]
                     xs[1][i] = bad
