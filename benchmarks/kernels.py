@@ -1,0 +1,138 @@
+"""The hand-written CPU kernels alone, in nanoseconds per element, and the fixed cost of a step.
+
+    python benchmarks/kernels.py                 # kernels at 262,144 (in cache) and 10M elements
+    python benchmarks/kernels.py --fixed         # whole steps at 8,192 parameters (the fixed cost)
+    python benchmarks/kernels.py --sizes 1e6 --threads 2
+
+Two questions that benchmarks/run.py's ratios leave open: whether a kernel is bound by memory
+(its time per element grows when its arrays leave the caches) or by its arithmetic (the same
+time in cache as from memory), and what a step costs besides its loops. Each figure is the
+minimum over rounds of a batch of calls (the quantity is a lower bound of work done; on a
+shared machine the minimum moves least), measured round-robin in one process. To compare two
+commits, run this file from each checkout in turn (``PYTHONPATH=<checkout> python
+<checkout>/benchmarks/kernels.py --fixed``) and alternate a few times.
+
+The kernels are called with the arguments the optimizer passes them (taken from a real step of
+hyper-Adam and MADA, ``one_pass=True``, one tensor): the one-pass kernel, its sums-only twin
+(the paper's order), the one-pass source without its sums ("update only": the compiler drops the
+hyper-gradient's arithmetic with them), against torch's fused Adam/AdamW step on the same
+number of elements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run as R  # noqa: E402  (the same optimizers and parameters as the main benchmark)
+
+import hypergrad._onepass as adam_kernels  # noqa: E402
+import parameterized._onepass as mada_kernels  # noqa: E402
+
+
+def best(fns: dict, rounds: int, calls: int) -> dict:
+    """The minimum over ``rounds`` of the mean time of ``calls`` calls, round-robin."""
+    out = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                f()
+            out[k] = min(out[k], (time.perf_counter() - t) / calls)
+    return out
+
+
+def captured(make, n, module):
+    """A step's kernel call (``_sweep``'s arguments) of the optimizer ``make`` on n elements."""
+    seen = {}
+    orig = module._sweep
+
+    def spy(*a):
+        seen["a"] = a
+        return orig(*a)
+    module._sweep = spy
+    try:
+        opt = make(R.params(n, "cpu", n_tensors=1))
+        for _ in range(4):
+            opt.step()
+    finally:
+        module._sweep = orig
+    kernel, *rest = seen["a"]
+    return opt, kernel, rest
+
+
+def kernels(sizes, rounds):
+    mod = {"Adam": adam_kernels, "MADA": mada_kernels}
+    made = {"Adam": R.hyper_adam(True, one_pass=True, skip_nonfinite=False),
+            "MADA": R.mada(True, one_pass=True, skip_nonfinite=False)}
+    twins = {"Adam": adam_kernels._SUMS_SRC, "MADA": mada_kernels._MADA_SUMS_SRC}
+    # the one-pass source with its sums dropped: the compiler then drops the hyper-gradient's
+    # arithmetic too, which leaves the update's loads, stores and arithmetic
+    dead = {"Adam": (adam_kernels._SRC, "s0 = s0 + t0; s1 = s1 + t1; s2 = s2 + t2; s3 = s3 + t3; s4 = s4 + t4;"),
+            "MADA": (mada_kernels._MADA_SRC, "for (int j = 0; j < NS; ++j) s[j] = s[j] + t[j];")}
+    args = {"Adam": adam_kernels._ADAM_ARGS, "MADA": mada_kernels._MADA_ARGS}
+    for n in sizes:
+        fns = {}
+        keep = []
+        for name in ("Adam", "MADA"):
+            opt, kernel, rest = captured(made[name], n, mod[name])
+            sums = adam_kernels._load(twins[name], args[name])
+            src, line = dead[name]
+            assert line in src
+            update = adam_kernels._load(src.replace(line, ""), args[name])
+            keep.append(opt)
+            fns[f"{name} one-pass kernel"] = lambda k=kernel, r=rest: adam_kernels._sweep(k, *r)
+            fns[f"{name} sums-only kernel"] = lambda k=sums, r=rest: adam_kernels._sweep(k, *r)
+            fns[f"{name} update only"] = lambda k=update, r=rest: adam_kernels._sweep(k, *r)
+        for cls in (torch.optim.Adam, torch.optim.AdamW):
+            base = cls(R.params(n, "cpu", n_tensors=1), lr=1e-3, fused=True)
+            base.step()
+            keep.append(base)
+            fns[f"torch {cls.__name__} fused step"] = base.step
+        t = best(fns, rounds, max(2, int(2e7 // n)))
+        print(f"\n{n:,} elements, {torch.get_num_threads()} thread(s): ns per element (minimum of {rounds} rounds)")
+        for k, v in t.items():
+            print(f"  {k:<28} {v / n * 1e9:7.3f}")
+
+
+def fixed(n, rounds):
+    makers = {"1-level one-pass, skip_nonfinite=False": R.hyper_adam(True, one_pass=True, skip_nonfinite=False),
+              "1-level one-pass": R.hyper_adam(True, one_pass=True),
+              "1-level paper order": R.hyper_adam(True),
+              "3-level one-pass": R.stack3(True, one_pass=True),
+              "3-level paper order": R.stack3(True),
+              "MADA one-pass": R.mada(True, one_pass=True),
+              "torch Adam fused": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True)}
+    opts = {k: m(R.params(n, "cpu")) for k, m in makers.items()}
+    for o in opts.values():
+        for _ in range(30):
+            o.step()
+    t = best({k: o.step for k, o in opts.items()}, rounds, 100)
+    print(f"\nwhole steps, {n:,} parameters in 8 tensors, {torch.get_num_threads()} thread(s): ms "
+          f"(minimum of {rounds} rounds of 100)")
+    for k, v in t.items():
+        print(f"  {k:<40} {v * 1e3:7.3f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fixed", action="store_true", help="whole steps at --sizes (default 8192)")
+    ap.add_argument("--sizes", nargs="*", type=float)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=9)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.fixed:
+        for n in a.sizes or [8192]:
+            fixed(int(n), max(a.rounds, 15))
+    else:
+        kernels([int(n) for n in (a.sizes or [262144, 1e7])], a.rounds)
+
+
+if __name__ == "__main__":
+    main()
