@@ -23,7 +23,10 @@ of ``Adam.hyper_apply`` with the scalar factors taken out of the sums (``docs/ma
 and ``S1 = (ib1 + k1) S0 - ib1 P``, ``S2 = isb2 ((ib2 + k2) Q1 - ib2 Q2) / 2``, ``S3 = X + sa S0``
 follow (``adam``): 11 vector multiplications an element where the sums as written took 17, in a
 loop that the multiplications bound (two of Zen 3's four vector pipes; 6 % of the kernel's time
-at 262,144 and at 10M parameters). Float32 lanes sum blocks of 4096 elements; blocks add up in
+at 262,144 and at 10M parameters). The price: ``S2`` subtracts two sums where the closed form
+subtracts per element, so where ``v`` and ``g_s^2`` nearly cancel everywhere its float32
+rounding grows (a review measured 2.1e-6 relative against 7e-7, 200k elements with
+``v = g_s^2``), still at the level of float32 sums. Float32 lanes sum blocks of 4096 elements; blocks add up in
 float64. Built with inductor's C++ toolchain (the one ``compile=True`` uses) on first use.
 
 Each one-pass kernel has a sums-only twin (``_variants``: the same loop without its update),
@@ -98,12 +101,12 @@ static inline void store_i8(int8_t* x, const V& s, int64_t k) {
 // a parallel region each; a model has tens to hundreds of tensors)
 struct Blocks {
   static constexpr int64_t B = 4096;
-  const int64_t* ptrs;
+  const uint64_t* ptrs;
   const int64_t* lens;
   int64_t nt, k;
   std::vector<int64_t> first;
   Blocks(uintptr_t p, uintptr_t l, int64_t nt_, int64_t k_)
-      : ptrs(reinterpret_cast<const int64_t*>(p)), lens(reinterpret_cast<const int64_t*>(l)), nt(nt_), k(k_),
+      : ptrs(reinterpret_cast<const uint64_t*>(p)), lens(reinterpret_cast<const int64_t*>(l)), nt(nt_), k(k_),
         first(nt_ + 1, 0) {
     for (int64_t j = 0; j < nt; ++j) first[j + 1] = first[j] + (lens[j] + B - 1) / B;
   }
@@ -226,7 +229,8 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
 
     ``memo`` (a dict kept by the caller for the group): the parameters and state tensors found
     fit at the last call, by identity (weak references whose death clears the memo, so an id
-    seen is the same object) and storage address; where they are the same, only the gradients
+    seen is the same object) and the parameters' address, size and contiguity (``p.data`` can
+    be replaced); where they are the same, only the gradients
     are checked (a model's gradients are new tensors at every backward), against the spans
     recorded."""
     f32, i8, strided = torch.float32, torch.int8, torch.strided
@@ -235,7 +239,7 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
     if static is not None:
         ids, ptrs, _, _, _ = static
         if ids != tuple([id(x) for p, st in zip(params, states) for x in (p, *map(st.get, allkeys))]) or \
-                ptrs != tuple([p.data_ptr() for p in params]):
+                ptrs != tuple([(p.data_ptr(), p.numel(), p.is_contiguous()) for p in params]):
             static = None
     if static is None:  # check the parameters and the state in full
         spans = []
@@ -255,7 +259,8 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
         if memo is not None:
             objs = [x for p, st in zip(params, states) for x in (p, *map(st.get, allkeys))]
             clear = lambda _, memo=memo: memo.pop("static", None)  # noqa: E731
-            memo["static"] = static = (tuple(map(id, objs)), tuple([p.data_ptr() for p in params]),
+            memo["static"] = static = (tuple(map(id, objs)),
+                                       tuple([(p.data_ptr(), p.numel(), p.is_contiguous()) for p in params]),
                                        [weakref.ref(x, clear) for x in objs],
                                        [a for a, _ in spans], [b for _, b in spans])
         else:
@@ -282,7 +287,7 @@ def _sweep(kernel, params, grads, states, keys, consts: list, flags: int, nsums:
     tensor made from a list and read back cost 20-40 us a step)."""
     c = array.array("d", consts)
     out = array.array("d", bytes(8 * nsums))  # zeros: the kernel adds its sums to it
-    ptrs = array.array("q")
+    ptrs = array.array("Q")  # (addresses: unsigned)
     for p, g, st in zip(params, grads, states):
         ptrs.append(p.data_ptr())
         ptrs.append(g.data_ptr())
@@ -426,7 +431,7 @@ def all_finite(xs: list) -> bool:
     gradients" of ``benchmarks/run.py --only parts``)."""
     k = _load(_FINITE_SRC, ["uintptr_t", "uintptr_t", "int64_t", "uintptr_t", "int64_t"])
     bad = array.array("q", [0])
-    ptrs = array.array("q", [x.data_ptr() for x in xs])
+    ptrs = array.array("Q", [x.data_ptr() for x in xs])
     lens = array.array("q", [x.numel() for x in xs])
     k(ptrs.buffer_info()[0], lens.buffer_info()[0], len(xs), bad.buffer_info()[0], torch.get_num_threads())
     return not bad[0]

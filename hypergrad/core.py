@@ -1194,6 +1194,10 @@ class HyperOptimizer(torch.optim.Optimizer):
                 rec = st.get(_PREV if self._hg_lag else _RECORD) if st else None
                 if rec is None or p.grad is None:
                     continue
+                if self._hg_lag and rec["kind"] != "autograd" and "state" not in rec:
+                    # a record of the paper's order (a checkpoint saved with one_pass=False): it
+                    # describes the last update, not the one before; no hyper-gradient this step
+                    continue
                 if covers:
                     covered.add(id(p))
                 gt = self._hg_grad(p, opts)

@@ -94,6 +94,29 @@ def test_levels_above_closed_form_is_autograd(case):
                 torch.testing.assert_close(v, y.hypergradients()[n], rtol=1e-8, atol=1e-14, msg=n)
 
 
+
+def test_paper_order_checkpoint_into_a_one_pass_stack():
+    """A checkpoint of the paper's order loaded into a one-pass stack: the level above holds
+    records of its last update, not of the one before, which its hyper-gradient needs. It
+    computes none from them (the first two steps after loading), then goes on from its own."""
+    def make(params, one_pass):
+        return hg.Adam(params, lr=1e-2, hyper=hg.Adam(lr=1e-4, hyper=hg.SGD(lr=1e-6)), one_pass=one_pass,
+                       compile=False)
+    p1 = _model()
+    o1 = make(p1, False)
+    for t in range(5):
+        _grads(p1, t)
+        o1.step()
+    o2 = make(p1, True)
+    o2.load_state_dict(o1.state_dict())
+    seen = []
+    for t in range(5, 9):
+        _grads(p1, t)
+        o2.step()
+        seen.append(o2.hyper.hypergradients()["lr"] is not None)
+    assert seen == [False, False, True, True], seen
+    assert all(torch.isfinite(x).all() for x in p1)
+
 def _model(seed=0):
     # sizes that are not multiples of the vector width, and one of several 4096-element blocks
     g = torch.Generator().manual_seed(seed)
@@ -368,3 +391,29 @@ def test_kernel_check_follows_tensors_that_change():
         assert all(torch.isfinite(x).all() for x in params)
         if fused:  # the tensors now in place are the ones the kernel wrote
             assert opt.state[w]["exp_avg"] is m and not torch.equal(m, m0) and not torch.equal(w, p)
+
+
+def test_kernel_check_sees_a_parameter_replaced_in_place_of_its_storage():
+    """``p.data`` replaced by a view that starts at the same address (a transpose, a prefix):
+    the check's memo compares the parameters' address, size and contiguity, so it does not
+    take the new tensor for the one it found fit; a state tensor that dies clears the memo."""
+    from hypergrad._onepass import AdamOnePass
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(37, 301, generator=g), torch.randn(301, generator=g)]
+    states = [{k: torch.zeros_like(p) for k in ("exp_avg", "exp_avg_sq", "hg_gprev")} for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    memo = {}
+    assert AdamOnePass.applies(params, grads, states, memo) and "static" in memo
+    assert AdamOnePass.applies(params, grads, states, memo)          # from the memo
+    w = params[0]
+    w.data = w.data.t()                                               # same address, not contiguous
+    assert not AdamOnePass.applies(params, grads, states, memo)
+    w.data = w.data.t().reshape(-1)[:5000]                            # same address, fewer elements
+    grads[0] = torch.randn(5000, generator=g)
+    assert not AdamOnePass.applies(params, grads, states, memo)
+    params[0] = torch.randn(37, 301, generator=g)
+    grads[0] = torch.randn(37, 301, generator=g)
+    assert AdamOnePass.applies(params, grads, states, memo)
+    states[1]["exp_avg"] = torch.zeros(301)                           # the old one dies
+    assert "static" not in memo
+    assert AdamOnePass.applies(params, grads, states, memo)
