@@ -56,7 +56,7 @@ static inline float vsum(const V& x) {
   return at::vec::vec_reduce_all<float>([](V& a, V& b) { return a + b; }, x);
 }
 static inline V vsign(const V& x, const V& zero, const V& one) {  // torch.sign: 0 at 0
-  return V::blendv(zero, one, x > zero) - V::blendv(zero, one, x < zero);
+  return (one & (x > zero)) - (one & (x < zero));  // (bitwise: a blend takes a multiply's pipe on Zen 3)
 }
 // torch.lerp's two branches (ATen's lerp_vec, for a scalar weight; wm1 = w - 1)
 static inline V lerp(const V& a, const V& b, const V& w, const V& wm1, bool hi) {

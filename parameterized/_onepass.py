@@ -47,7 +47,7 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
   const V b3(c[24]), w3(c[25]), cc(c[26]), wc(c[27]), w1(c[28]), b2(c[29]), w2(c[30]), it(c[31]);
   const V tm1(c[32]), rho(c[33]), wrho(c[34]), ibc2n(c[35]), ibc3n(c[36]), ibc1n(c[37]), eps(c[38]);
   const V lb2(c[39]), wl2(c[40]), lb1(c[41]), wl1(c[42]), decay(c[43]), lr(c[44]), gam(c[45]);
-  const V wgam(c[46]), sg(c[47]);
+  const V wgam(c[46]), sgx(c[47] < 0 ? -0.f : 0.f);  // g_t = -g (maximize): a flip of the sign bit
   const V w1m1 = w1 - one, w3m1 = w3 - one;
   #pragma omp for schedule(static)
   for (int64_t b = 0; b < nb; ++b) {
@@ -62,7 +62,7 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
     for (int j = 0; j < NS; ++j) s[j] = zero;
     for (int64_t i = lo; i < hi; i += L) {
       const int64_t k = std::min(L, hi - i);
-      const V gt = sg * V::loadu(g + i, k);
+      const V gt = V::loadu(g + i, k) ^ sgx;
       const V pi = LOAD_P, mi = V::loadu(m + i, k), vi = V::loadu(v + i, k);
       const V ni = V::loadu(n + i, k), vmi = V::loadu(vm + i, k), lmi = V::loadu(lm + i, k);
       const V gp = V::loadu(gs + i, k), nold = V::loadu(n0 + i, k);
