@@ -235,12 +235,11 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
     recorded."""
     f32, i8, strided = torch.float32, torch.int8, torch.strided
     allkeys = keys + tuple(byte_keys)
+    objs = [x for p, st in zip(params, states) for x in (p, *map(st.get, allkeys))]
+    where = tuple([(p.data_ptr(), p.numel(), p.is_contiguous()) for p in params])
     static = memo.get("static") if memo is not None else None
-    if static is not None:
-        ids, ptrs, _, _, _ = static
-        if ids != tuple([id(x) for p, st in zip(params, states) for x in (p, *map(st.get, allkeys))]) or \
-                ptrs != tuple([(p.data_ptr(), p.numel(), p.is_contiguous()) for p in params]):
-            static = None
+    if static is not None and (static[0] != tuple(map(id, objs)) or static[1] != where):
+        static = None
     if static is None:  # check the parameters and the state in full
         spans = []
         for p, st in zip(params, states):
@@ -257,11 +256,9 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
         if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
             return False
         if memo is not None:
-            objs = [x for p, st in zip(params, states) for x in (p, *map(st.get, allkeys))]
             clear = lambda _, memo=memo: memo.pop("static", None)  # noqa: E731
-            memo["static"] = static = (tuple(map(id, objs)),
-                                       tuple([(p.data_ptr(), p.numel(), p.is_contiguous()) for p in params]),
-                                       [weakref.ref(x, clear) for x in objs],
+            # (ids, where, the weak references that keep the ids meaningful, span starts, ends)
+            memo["static"] = static = (tuple(map(id, objs)), where, [weakref.ref(x, clear) for x in objs],
                                        [a for a, _ in spans], [b for _, b in spans])
         else:
             static = (None, None, None, [a for a, _ in spans], [b for _, b in spans])

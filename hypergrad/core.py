@@ -935,16 +935,17 @@ class HyperOptimizer(torch.optim.Optimizer):
             b = self._hg_proj.get(p)
             mask = None
             if b is not None:
-                if not _all_finite(new_p, new_state):
+                # a hyper level's scalar is read once as a number: its checks and its clamp then
+                # compare floats (three tensor operations cost more than the rest of its step)
+                x = new_p.item() if new_p.numel() == 1 and new_p.is_cpu else None
+                if not ((math.isfinite(x) if x is not None else bool(torch.isfinite(new_p).all()))
+                        and _all_finite(new_state)):
                     # a hyper-step that would make a hyperparameter or its state non-finite (an
                     # overflow) is not taken: the value stays, and its record is dropped
                     self._hg_record(st, None)
                     self.steps_skipped += 1
                     continue
-                if new_p.numel() == 1 and new_p.is_cpu:
-                    # a hyper level's scalar: compare the number (three tensor operations cost
-                    # more than the rest of its step); finite, as just checked
-                    x = new_p.item()
+                if x is not None:
                     if not b[0] <= x <= b[1]:
                         if kind == "closed":  # clipped: the derivative is 0
                             mask = torch.zeros_like(new_p, dtype=torch.bool)
@@ -1756,8 +1757,9 @@ def _finite(xs: list) -> bool:
     return all(bool(torch.isfinite(x)) for x in xs)
 
 
-def _all_finite(x: Tensor, state: dict) -> bool:
-    ts = [x] + [v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()]
+def _all_finite(state: dict) -> bool:
+    """Whether every floating-point tensor of ``state`` is finite."""
+    ts = [v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()]
     # a hyper level's scalars: a read of the number costs less than a tensor reduction
     return all(math.isfinite(t.item()) if t.numel() == 1 and t.is_cpu else bool(torch.isfinite(t).all())
                for t in ts)

@@ -42,3 +42,16 @@ def train(model, opt, steps, start=0):
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_stacks_agree(m1, o1, m2, o2, rtol=1e-10, grad_rtol=1e-8):
+    """Two runs of a stack computed the same thing: the model parameters, every level's
+    hyperparameters and hyper-gradients (float64 rounding by default)."""
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-14)
+    for x, y in zip(o1.levels, o2.levels):
+        for n, v in x.hyperparameters().items():
+            torch.testing.assert_close(v, y.hyperparameters()[n], rtol=rtol, atol=1e-14, msg=n)
+        for n, v in x.hypergradients().items():
+            if v is not None:
+                torch.testing.assert_close(v, y.hypergradients()[n], rtol=grad_rtol, atol=1e-14, msg=n)

@@ -16,7 +16,7 @@ import torch
 import hypergrad as hg
 from parameterized import MADA
 from fd import fd_grad, our_raw_grad, step_size
-from helpers import MLP, train
+from helpers import MLP, assert_stacks_agree, train
 from table import CASES
 
 T = 7
@@ -84,14 +84,7 @@ def test_levels_above_closed_form_is_autograd(case):
     closed = [gi for gi in range(len(l2.param_groups)) if l2._hg_kind(gi) == "closed"]
     if type(l2).hyper_terms is not None and l2.closed_form_ok(l2._hg_opts[0], l2._hg_vars[0]):
         assert closed, "the closed form was not used"
-    for a, b in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
-    for x, y in zip(o1.levels, o2.levels):
-        for n, v in x.hyperparameters().items():
-            torch.testing.assert_close(v, y.hyperparameters()[n], rtol=1e-10, atol=1e-14, msg=n)
-        for n, v in x.hypergradients().items():
-            if v is not None:
-                torch.testing.assert_close(v, y.hypergradients()[n], rtol=1e-8, atol=1e-14, msg=n)
+    assert_stacks_agree(m1, o1, m2, o2)
 
 
 
