@@ -227,18 +227,21 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
     and ``byte_keys`` int8, all CPU, dense, contiguous, of ``p``'s size, and no two of them
     overlapping in memory (the kernel writes them in place). Called every step.
 
-    ``memo`` (a dict kept by the caller for the group): the parameters and state tensors found
-    fit at the last call, by identity (weak references whose death clears the memo, so an id
-    seen is the same object) and the parameters' address, size and contiguity (``p.data`` can
-    be replaced); where they are the same, only the gradients
-    are checked (a model's gradients are new tensors at every backward), against the spans
-    recorded."""
+    ``memo`` (a dict kept by the caller for the group): the parameters, state tensors and step
+    counters found fit at the last call, by identity (weak references whose death clears the
+    memo, so an id seen is the same object), the parameters' address, size and contiguity
+    (``p.data`` can be replaced) and the step counters' addresses; where they are the same, only
+    the gradients are checked (a model's gradients are new tensors at every backward), against
+    the spans recorded. The memo also keeps what ``_sweep`` and ``advance_steps`` reuse: the
+    arrays' addresses (the gradients' slots left to fill) and lengths, the step counters'
+    addresses."""
     f32, i8, strided = torch.float32, torch.int8, torch.strided
     allkeys = keys + tuple(byte_keys)
-    objs = [x for p, st in zip(params, states) for x in (p, *map(st.get, allkeys))]
+    objs = [x for p, st in zip(params, states) for x in (p, *map(st.get, allkeys), st.get("step"))]
     where = tuple([(p.data_ptr(), p.numel(), p.is_contiguous()) for p in params])
     static = memo.get("static") if memo is not None else None
-    if static is not None and (static[0] != tuple(map(id, objs)) or static[1] != where):
+    if static is not None and (static[0] != tuple(map(id, objs)) or static[1] != where
+                               or (static[7] is not None and static[7][2] != _step_ptrs(states))):
         static = None
     if static is None:  # check the parameters and the state in full
         spans = []
@@ -257,9 +260,18 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
             return False
         if memo is not None:
             clear = lambda _, memo=memo: memo.pop("static", None)  # noqa: E731
-            # (ids, where, the weak references that keep the ids meaningful, span starts, ends)
-            memo["static"] = static = (tuple(map(id, objs)), where, [weakref.ref(x, clear) for x in objs],
-                                       [a for a, _ in spans], [b for _, b in spans])
+            # the arrays' addresses in _sweep's order (p, g, the state's keys), g's slots 0
+            ptrs = array.array("Q")
+            for p, st in zip(params, states):
+                ptrs.append(p.data_ptr())
+                ptrs.append(0)
+                ptrs.extend([st[k].data_ptr() for k in allkeys])
+            # (ids, where, the weak references that keep the ids meaningful, span starts, ends,
+            #  the addresses and their keys, the lengths, the step counters)
+            memo["static"] = static = (tuple(map(id, objs)), where, [weakref.ref(x, clear) for x in objs
+                                                                     if x is not None],
+                                       [a for a, _ in spans], [b for _, b in spans], (allkeys, ptrs),
+                                       array.array("q", [p.numel() for p in params]), _steps_of(states))
         else:
             static = (None, None, None, [a for a, _ in spans], [b for _, b in spans])
     starts, ends = static[3], static[4]
@@ -276,24 +288,76 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
     return True
 
 
-def _sweep(kernel, params, grads, states, keys, consts: list, flags: int, nsums: int) -> list:
+def _steps_of(states):
+    """The step counters' addresses, float32 ones and float64 ones (``advance_steps``), where
+    every counter is a one-element CPU tensor of either dtype that needs no gradient; else None."""
+    f32, f64 = array.array("Q"), array.array("Q")
+    for st in states:
+        s = st.get("step")
+        if not isinstance(s, torch.Tensor) or not s.is_cpu or s.numel() != 1 or s.layout is not torch.strided \
+                or s.requires_grad or s.dtype not in (torch.float32, torch.float64):
+            return None
+        (f32 if s.dtype is torch.float32 else f64).append(s.data_ptr())
+    return f32, f64, _step_ptrs(states)
+
+
+def _step_ptrs(states) -> tuple:
+    return tuple([st["step"].data_ptr() for st in states])
+
+
+def _sweep(kernel, params, grads, states, keys, consts: list, flags: int, nsums: int, memo=None) -> list:
     """Run ``kernel`` over every tensor of a group, in one call (``Blocks``); return the group's
     sums (float64).
 
     The scalars and the sums travel in Python ``array`` buffers, passed by address (a float64
-    tensor made from a list and read back cost 20-40 us a step)."""
+    tensor made from a list and read back cost 20-40 us a step). ``memo``: the group's memo,
+    which ``_applies`` checked for these tensors in this step; the arrays' addresses and lengths
+    come from it, and only the gradients' are read."""
     c = array.array("d", consts)
     out = array.array("d", bytes(8 * nsums))  # zeros: the kernel adds its sums to it
-    ptrs = array.array("Q")  # (addresses: unsigned)
-    for p, g, st in zip(params, grads, states):
-        ptrs.append(p.data_ptr())
-        ptrs.append(g.data_ptr())
-        ptrs.extend([st[key].data_ptr() for key in keys])
-    lens = array.array("q", [p.numel() for p in params])
+    static = memo.get("static") if memo is not None else None
+    if static is not None and len(static) > 5 and static[5][0] == tuple(keys):
+        ptrs = array.array("Q", static[5][1])
+        ptrs[1::2 + len(keys)] = array.array("Q", [g.data_ptr() for g in grads])
+        lens = static[6]
+    else:
+        ptrs = array.array("Q")  # (addresses: unsigned)
+        for p, g, st in zip(params, grads, states):
+            ptrs.append(p.data_ptr())
+            ptrs.append(g.data_ptr())
+            ptrs.extend([st[key].data_ptr() for key in keys])
+        lens = array.array("q", [p.numel() for p in params])
     # (the tensors stay referenced by the caller for the call: the kernel holds addresses only)
     kernel(ptrs.buffer_info()[0], lens.buffer_info()[0], len(params), out.buffer_info()[0], c.buffer_info()[0],
            flags, torch.get_num_threads())
     return out.tolist()
+
+
+_STEPS_SRC = r"""
+#include <cstdint>
+// step counters += 1, as torch._foreach_add_(steps, 1) (float32 and float64 one-element tensors)
+extern "C" void kernel(uintptr_t f32, int64_t n32, uintptr_t f64, int64_t n64) {
+  const uint64_t* a = reinterpret_cast<const uint64_t*>(f32);
+  const uint64_t* b = reinterpret_cast<const uint64_t*>(f64);
+  for (int64_t j = 0; j < n32; ++j) *reinterpret_cast<float*>(a[j]) += 1.0f;
+  for (int64_t j = 0; j < n64; ++j) *reinterpret_cast<double*>(b[j]) += 1.0;
+}
+"""
+
+
+def advance_steps(states, memo=None) -> None:
+    """Add 1 to every ``state["step"]`` of a group: through the addresses ``_applies`` kept in
+    ``memo`` where it checked this group in this step (one call of a few nanoseconds per counter;
+    ``torch._foreach_add_`` loops over the tensors on the CPU, 2-4 us each), else with
+    ``torch._foreach_add_``."""
+    static = memo.get("static") if memo is not None else None
+    steps = static[7] if static is not None and len(static) > 7 else None
+    if steps is None:
+        torch._foreach_add_([st["step"] for st in states], 1)
+        return
+    a, b, _ = steps
+    _load(_STEPS_SRC, ["uintptr_t", "int64_t", "uintptr_t", "int64_t"])(
+        a.buffer_info()[0], len(a), b.buffer_info()[0], len(b))
 
 
 _SRC, _SUMS_SRC = _variants(_SRC, "(dec ? V::loadu(p + i, k) : zero)")  # without S3, no read of p
@@ -302,7 +366,7 @@ _GROUP_ARGS = ["uintptr_t", "uintptr_t", "int64_t", "uintptr_t", "uintptr_t", "i
 _ADAM_ARGS = _GROUP_ARGS
 
 
-def adam(params, grads, states, hc: dict, c: dict | None, opts: dict) -> list:
+def adam(params, grads, states, hc: dict, c: dict | None, opts: dict, memo=None) -> list:
     """Run the kernel over every tensor of a group (the scalars ``hc``, ``c`` as floats); return
     the group's sums S0..S3. ``c`` None: the sums-only kernel (no update)."""
     dec = bool(opts["wd"] and opts["decoupled"])
@@ -312,7 +376,7 @@ def adam(params, grads, states, hc: dict, c: dict | None, opts: dict) -> list:
         [-1.0 if opts.get("maximize") else 1.0]
     src = _SRC if c is not None else _SUMS_SRC
     s0, p, q1, q2, x = _sweep(_load(src, _ADAM_ARGS), params, grads, states, _ADAM_KEYS, consts,
-                              int(dec) | (2 if c is not None and c["w1"] >= 0.5 else 0), 5)
+                              int(dec) | (2 if c is not None and c["w1"] >= 0.5 else 0), 5, memo)
     # the kernel's five sums to S0..S3 (module docstring)
     return [s0, (hc["ib1"] + hc["k1"]) * s0 - hc["ib1"] * p,
             0.5 * hc["isb2"] * ((hc["ib2"] + hc["k2"]) * q1 - hc["ib2"] * q2), x + hc["sa"] * s0]
@@ -348,15 +412,15 @@ class AdamOnePass:
         return _applies(params, grads, states, _ADAM_KEYS, (), memo)
 
     @staticmethod
-    def run(params, grads, states, hc: dict, c: dict, opts: dict, names) -> dict:
+    def run(params, grads, states, hc: dict, c: dict, opts: dict, names, memo=None) -> dict:
         """Update the group in place; return the hyper-gradients of ``names`` (floats)."""
-        return _adam_hypergrads(adam(params, grads, states, hc, c, opts), hc, opts, names)
+        return _adam_hypergrads(adam(params, grads, states, hc, c, opts, memo), hc, opts, names)
 
     @staticmethod
-    def hyper_sums(params, grads, states, hc: dict, opts: dict, names) -> dict:
+    def hyper_sums(params, grads, states, hc: dict, opts: dict, names, memo=None) -> dict:
         """The hyper-gradients of ``names`` of the last update, reading the group only (the
         paper's order: its update follows, in the update kernel)."""
-        return _adam_hypergrads(adam(params, grads, states, hc, None, opts), hc, opts, names)
+        return _adam_hypergrads(adam(params, grads, states, hc, None, opts, memo), hc, opts, names)
 
 
 # --- the finiteness check of the gradients ---------------------------------------------------

@@ -38,6 +38,8 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 from torch import Tensor
 
+from . import _onepass
+
 __all__ = [
     "Hyper",
     "HyperOptimizer",
@@ -1260,7 +1262,6 @@ class HyperOptimizer(torch.optim.Optimizer):
         if compiles is not None and any(compiles(gi) for gi in range(len(self.param_groups))):
             # float32 CPU tensors: a hand-written read of the bits (built by the toolchain that
             # compile=True uses; where that fails, the sums below)
-            from . import _onepass
             fast, rest = [], []
             for g in grads:
                 (fast if _onepass.finite_kernel_applies(g) else rest).append(g)
@@ -1448,7 +1449,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         if got is None:
             return False
         params, grads, states, h, _, hc = got
-        self._hg_add_kernel_sums(gi, h, fn.hyper_sums(params, grads, states, hc, self._hg_opts[gi], names), add)
+        self._hg_add_kernel_sums(gi, h, fn.hyper_sums(params, grads, states, hc, self._hg_opts[gi], names,
+                                                      memo=self._hg_onepass_memo.get(gi)), add)
         return True
 
     def _hg_onepass_group(self, gi, names, add) -> bool:
@@ -1463,8 +1465,10 @@ class HyperOptimizer(torch.optim.Optimizer):
         vars = self._hg_vars[gi]
         hf = {n: float(hv.value[0]) for n, hv in vars.items()}
         c = self._hg_float_scalars(gi, "coefficients", {n: hv.value[0] for n, hv in vars.items()}, hf, step, 1)
-        self._hg_add_kernel_sums(gi, h, fn.run(params, grads, states, hc, c, self._hg_opts[gi], names), add)
-        torch._foreach_add_([st["step"] for st in states], 1)
+        memo = self._hg_onepass_memo.get(gi)  # (what fn.applies checked in this step: _hg_kernel_inputs)
+        self._hg_add_kernel_sums(gi, h, fn.run(params, grads, states, hc, c, self._hg_opts[gi], names, memo=memo),
+                                 add)
+        _onepass.advance_steps(states, memo)
         rec = {"kind": "closed", "h": {n: hv.value[0].detach().clone() for n, hv in vars.items()}, "mask": None,
                "hf": hf}  # the values as floats, for the next step's scalars
         for st in states:

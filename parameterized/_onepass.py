@@ -154,18 +154,18 @@ class MadaOnePass:
         return _applies(params, grads, states, _MADA_KEYS, _MADA_BYTES, memo)
 
     @staticmethod
-    def run(params, grads, states, hc: dict, c: dict, opts: dict, names) -> dict:
+    def run(params, grads, states, hc: dict, c: dict, opts: dict, names, memo=None) -> dict:
         """Update the group in place; return the hyper-gradients of ``names`` (floats)."""
-        return MadaOnePass._kernel(params, grads, states, hc, c, opts, names)
+        return MadaOnePass._kernel(params, grads, states, hc, c, opts, names, memo)
 
     @staticmethod
-    def hyper_sums(params, grads, states, hc: dict, opts: dict, names) -> dict:
+    def hyper_sums(params, grads, states, hc: dict, opts: dict, names, memo=None) -> dict:
         """The hyper-gradients of ``names`` of the last update, reading the group only (the
         paper's order: its update follows, in the update kernel)."""
-        return MadaOnePass._kernel(params, grads, states, hc, None, opts, names)
+        return MadaOnePass._kernel(params, grads, states, hc, None, opts, names, memo)
 
     @staticmethod
-    def _kernel(params, grads, states, hc: dict, c: dict | None, opts: dict, names) -> dict:
+    def _kernel(params, grads, states, hc: dict, c: dict | None, opts: dict, names, memo=None) -> dict:
         f = hc  # the last update's scalars; c: this one's (floats), None for the sums only
         ref, dec = bool(opts["reference"]), bool(opts["wd"])
         ibc3, k3 = (1.0, 0.0) if ref else (f["ibc3"], f["k3"])
@@ -185,7 +185,7 @@ class MadaOnePass:
             flags = int(dec) | (2 if ref else 0)
         consts.append(-1.0 if opts.get("maximize") else 1.0)
         s = _sweep(_load(_MADA_SRC if c is not None else _MADA_SUMS_SRC, _MADA_ARGS), params, grads, states,
-                   _MADA_KEYS + _MADA_BYTES, consts, flags, 10)
+                   _MADA_KEYS + _MADA_BYTES, consts, flags, 10, memo)
         # the sums: 0 g adam, 1 g lion, 2 g x, 3 beta1's, 4 beta2's, 5 and 6 beta3's two terms, 7 c's,
         # 8 rho's, 9 eps's (kernel comments); with lr gamma g_t d adam / d v_hat = -e / 2
         lr, gam, wv = f["lr"], f["gamma"], mix * f["w2"]

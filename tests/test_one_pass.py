@@ -410,3 +410,55 @@ def test_kernel_check_sees_a_parameter_replaced_in_place_of_its_storage():
     states[1]["exp_avg"] = torch.zeros(301)                           # the old one dies
     assert "static" not in memo
     assert AdamOnePass.applies(params, grads, states, memo)
+
+
+def test_kernel_step_counters():
+    """The one-pass step advances the step counters through the addresses the kernels' check
+    kept (float32 and float64 counters, mixed in a group), as ``torch._foreach_add_`` would; a
+    counter replaced, or given other storage under the same tensor object (``.data``), is seen
+    by the next check and counted where it now lives."""
+    params = _model()
+    opt = hg.Adam(params, lr=1e-2, hyper=hg.SGD(lr=1e-9), one_pass=True, compile=True)
+    states = lambda: [opt.state[p] for p in params]  # noqa: E731
+    for t in range(1, 5):
+        _grads(params, t)
+        opt.step()
+        assert [float(st["step"]) for st in states()] == [t] * len(params)
+    assert opt._hg_fused  # the kernel made steps 3 and 4
+    st0, st1 = states()[0], states()[1]
+    old = st0["step"]
+    old.data = torch.tensor(10.0)                      # same object, other storage
+    for st in states()[1:]:
+        st["step"].fill_(10.0)
+    for t in range(11, 13):
+        _grads(params, t)
+        opt.step()
+        assert opt._hg_fused and st0["step"] is old
+        assert [float(st["step"]) for st in states()] == [t] * len(params)
+    st1["step"] = torch.tensor(12.0, dtype=torch.float64)  # another object, another dtype
+    for t in range(13, 15):
+        _grads(params, t)
+        opt.step()
+        assert opt._hg_fused and st1["step"].dtype == torch.float64
+        assert [float(st["step"]) for st in states()] == [t] * len(params)
+
+
+def test_advance_steps_without_a_fit_memo_is_foreach():
+    """Counters the kernel cannot write (a tensor that needs a gradient, an integer one) keep
+    ``torch._foreach_add_``: the check keeps no addresses for them."""
+    from hypergrad._onepass import AdamOnePass, advance_steps
+    params = [torch.randn(300), torch.randn(70)]
+    grads = [torch.randn_like(p) for p in params]
+    for bad in (torch.tensor(3, dtype=torch.int64), torch.tensor(3.0).requires_grad_()):
+        states = [{k: torch.zeros_like(p) for k in ("exp_avg", "exp_avg_sq", "hg_gprev")} for p in params]
+        states[0]["step"], states[1]["step"] = torch.tensor(3.0), bad
+        memo = {}
+        assert AdamOnePass.applies(params, grads, states, memo)
+        assert memo["static"][7] is None
+        with torch.no_grad():
+            advance_steps(states, memo)
+        assert float(states[0]["step"]) == 4 and float(states[1]["step"].detach()) == 4
+    states[1]["step"] = torch.tensor(7.0)
+    assert AdamOnePass.applies(params, grads, states, memo) and memo["static"][7] is not None
+    advance_steps(states, memo)
+    assert float(states[0]["step"]) == 5 and float(states[1]["step"]) == 8
