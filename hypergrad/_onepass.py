@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import re
 import weakref
 
 import torch
@@ -162,11 +163,22 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
       const V pi = LOAD_P;
       // the hyper-gradient of the last update (Adam.hyper_apply), in five sums whose scalar
       // factors (ib1, k1, ib2, k2, sa) AdamOnePass applies afterwards: the loop is bound by
-      // its multiplications (two of Zen 3's four vector pipes)
+      // its multiplications (two of Zen 3's four vector pipes). This step's square root and
+      // division are issued among the first operations: with them after the sums, the
+      // operations that wait on the two square roots and divisions filled the FP scheduler
+      // (llvm-mca -mcpu=znver3) and the loop ran 5-8 % slower in cache (benchmarks/kernels.py)
       const V r = vi.sqrt();
+      // <update>
+      const V v2 = vi * b2 + w2 * gt * gt;
+      const V sv2 = v2.sqrt();
+      // </update>
       const V d = r * isb2 + eps0;
       const V pos = r > zero;
       const V q = one / V::blendv(one, r * d, pos);
+      // <update>
+      const V m2 = lerp(mi, gt, w1, w1m1, lerp_hi);
+      const V u = m2 / (sv2 * ibc2s + eps1);
+      // </update>
       const V inv_d = V::blendv(ieps, r * q, pos);  // 1 / d
       const V ir = V::blendv(zero, d * q, pos);     // 1 / r, 0 where v = 0
       const V A = gt * inv_d;
@@ -182,12 +194,9 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
         t3 = V::blendv(zero, t3, in); t4 = V::blendv(zero, t4, in);
       }
       s0 = s0 + t0; s1 = s1 + t1; s2 = s2 + t2; s3 = s3 + t3; s4 = s4 + t4;
-      // <update> this step's update (Adam.apply)
-      const V m2 = lerp(mi, gt, w1, w1m1, lerp_hi);
-      const V v2 = vi * b2 + w2 * gt * gt;
-      const V den = v2.sqrt() * ibc2s + eps1;
+      // <update> this step's update (Adam.apply), with m2, v2 and m2 / den from above
       const V p1 = dec ? pi * decay : pi;
-      (p1 - ss * (m2 / den)).store(p + i, k);
+      (p1 - ss * u).store(p + i, k);
       m2.store(m + i, k);
       v2.store(v + i, k);
       gt.store(gs + i, k);
@@ -204,13 +213,13 @@ _KERNELS: dict = {}
 
 
 def _variants(src: str, p_when_sums: str = "V::loadu(p + i, k)") -> tuple[str, str]:
-    """The one-pass kernel of ``src`` and its sums-only twin: the same loop without the part
+    """The one-pass kernel of ``src`` and its sums-only twin: the same loop without the parts
     between ``// <update>`` and ``// </update>`` (it writes nothing; the paper's order runs it
     before the update kernel). ``LOAD_P`` in ``src`` is how each reads the parameter."""
-    a, rest = src.split("// <update>")
-    _, b = rest.split("// </update>")
     one = src.replace("// <update>", "//").replace("// </update>", "//").replace("LOAD_P", "V::loadu(p + i, k)")
-    return one, (a + b).replace("LOAD_P", p_when_sums)
+    sums = re.sub(r"// <update>.*?// </update>", "", src, flags=re.S)
+    assert "<update>" not in sums and "</update>" not in sums
+    return one, sums.replace("LOAD_P", p_when_sums)
 
 
 def _load(src: str, argtypes: list):
