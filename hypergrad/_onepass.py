@@ -124,12 +124,62 @@ static inline V lanes(int64_t k) {
   float ones[V::size()];
   for (int64_t j = 0; j < V::size(); ++j) ones[j] = 1.f;
   return V::loadu(ones, k) > V(0.f);
+}// whether every element of array a of every tensor of G (float32, read as bits) is finite: the
+// largest |x| as the bits say it (integer operations, unaffected by any floating-point flag):
+// inf is 0x7f800000 and NaN above, every finite value below. One read; each thread reads its
+// share of each tensor as eight streams at once, an eighth each: one stream is bound by the
+// latency of its misses (10.8 GB/s on an EPYC core, 18.0 GB/s with four, 20.0 GB/s with eight)
+static bool finite_all(const Blocks& G, int64_t a, int64_t nthreads) {
+  using VI = at::vec::Vectorized<int32_t>;
+  const VI absm(0x7fffffff);
+  const int64_t L = VI::size();
+  int64_t total = 0;
+  for (int64_t j = 0; j < G.nt; ++j) total += G.lens[j];
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, total / (4096 * L)));
+  int32_t top = 0;
+  #pragma omp parallel for num_threads(nt) reduction(max:top) schedule(static)
+  for (int64_t t = 0; t < nt; ++t) {
+    VI a0(0), a1(0), a2(0), a3(0);
+    for (int64_t j = 0; j < G.nt; ++j) {
+      const int32_t* x = G.at<const int32_t>(j, a);
+      const int64_t n = G.lens[j], nv = n / L;              // whole vectors
+      const int64_t v0 = nv * t / nt, v1 = nv * (t + 1) / nt;
+      const int64_t q = (v1 - v0) / 8;                       // vectors per stream
+      const int32_t* s0 = x + v0 * L;
+      const int32_t* s1 = s0 + q * L;
+      const int32_t* s2 = s1 + q * L;
+      const int32_t* s3 = s2 + q * L;
+      const int32_t* s4 = s3 + q * L;
+      const int32_t* s5 = s4 + q * L;
+      const int32_t* s6 = s5 + q * L;
+      const int32_t* s7 = s6 + q * L;
+      for (int64_t i = 0; i < q * L; i += L) {
+        a0 = at::vec::maximum(a0, VI::loadu(s4 + i) & absm);
+        a1 = at::vec::maximum(a1, VI::loadu(s5 + i) & absm);
+        a2 = at::vec::maximum(a2, VI::loadu(s6 + i) & absm);
+        a3 = at::vec::maximum(a3, VI::loadu(s7 + i) & absm);
+        a0 = at::vec::maximum(a0, VI::loadu(s0 + i) & absm);
+        a1 = at::vec::maximum(a1, VI::loadu(s1 + i) & absm);
+        a2 = at::vec::maximum(a2, VI::loadu(s2 + i) & absm);
+        a3 = at::vec::maximum(a3, VI::loadu(s3 + i) & absm);
+      }
+      for (int64_t i = (v0 + 8 * q) * L; i < v1 * L; i += L)  // the vectors left over
+        a0 = at::vec::maximum(a0, VI::loadu(x + i) & absm);
+      if (t == nt - 1 && nv * L < n)                         // the last, partial vector: its lanes
+        a0 = at::vec::maximum(a0, VI::loadu(x + nv * L, n - nv * L) & absm);  // past the end load as 0
+    }
+    int32_t m[VI::size()];
+    at::vec::maximum(at::vec::maximum(a0, a1), at::vec::maximum(a2, a3)).store(m);
+    for (int64_t j = 0; j < L; ++j) top = std::max(top, m[j]);
+  }
+  return top < 0x7f800000;
 }
 """
 
 _SRC = _PRELUDE + r"""
 // c: 0 isb2, 1 eps (last), 2 ieps, 3-7 (unused here: _adam_hypergrads applies them),
 //    8 w1, 9 b2, 10 w2, 11 ibc2_sqrt, 12 eps (now), 13 step_size, 14 decay, 15 sign of g
+// flags: 1 decoupled weight decay, 2 lerp's high branch, 16 check the gradients first
 // each tensor: p, g, m, v, g_s (Blocks)
 extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr_t out_, uintptr_t c_,
                        int64_t flags, int64_t nthreads) {
@@ -137,6 +187,8 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
   const double* c = reinterpret_cast<const double*>(c_);
   const Blocks G(ptrs, lens, ntensors, 5);
   const int64_t B = Blocks::B, L = V::size(), nb = G.count();
+  // flag 16: the gradients checked first (skip_nonfinite); a non-finite one: out[5] = 1, nothing written
+  if ((flags & 16) && !finite_all(G, 1, nthreads)) { out[5] = 1; return; }
   double S0 = 0, S1 = 0, S2 = 0, S3 = 0, S4 = 0;
   #pragma omp parallel num_threads(G.threads(nthreads)) reduction(+:S0,S1,S2,S3,S4)
   {
@@ -314,16 +366,19 @@ def _step_ptrs(states) -> tuple:
     return tuple([st["step"].data_ptr() for st in states])
 
 
-def _sweep(kernel, params, grads, states, keys, consts: list, flags: int, nsums: int, memo=None) -> list:
+def _sweep(kernel, params, grads, states, keys, consts: list, flags: int, nsums: int, memo=None,
+           check: bool = False) -> list | None:
     """Run ``kernel`` over every tensor of a group, in one call (``Blocks``); return the group's
     sums (float64).
 
     The scalars and the sums travel in Python ``array`` buffers, passed by address (a float64
     tensor made from a list and read back cost 20-40 us a step). ``memo``: the group's memo,
     which ``_applies`` checked for these tensors in this step; the arrays' addresses and lengths
-    come from it, and only the gradients' are read."""
+    come from it, and only the gradients' are read. ``check``: the kernel reads every gradient
+    before it writes anything (its flag 16) and returns None, having written nothing, where one
+    is not finite."""
     c = array.array("d", consts)
-    out = array.array("d", bytes(8 * nsums))  # zeros: the kernel adds its sums to it
+    out = array.array("d", bytes(8 * (nsums + 1)))  # zeros: the kernel adds its sums to it; then the flag
     static = memo.get("static") if memo is not None else None
     if static is not None and len(static) > 5 and static[5][0] == tuple(keys):
         ptrs = array.array("Q", static[5][1])
@@ -338,8 +393,10 @@ def _sweep(kernel, params, grads, states, keys, consts: list, flags: int, nsums:
         lens = array.array("q", [p.numel() for p in params])
     # (the tensors stay referenced by the caller for the call: the kernel holds addresses only)
     kernel(ptrs.buffer_info()[0], lens.buffer_info()[0], len(params), out.buffer_info()[0], c.buffer_info()[0],
-           flags, torch.get_num_threads())
-    return out.tolist()
+           flags | (16 if check else 0), torch.get_num_threads())
+    if out[nsums]:
+        return None
+    return out.tolist()[:nsums]
 
 
 _STEPS_SRC = r"""
@@ -375,17 +432,21 @@ _GROUP_ARGS = ["uintptr_t", "uintptr_t", "int64_t", "uintptr_t", "uintptr_t", "i
 _ADAM_ARGS = _GROUP_ARGS
 
 
-def adam(params, grads, states, hc: dict, c: dict | None, opts: dict, memo=None) -> list:
+def adam(params, grads, states, hc: dict, c: dict | None, opts: dict, memo=None, check=False) -> list | None:
     """Run the kernel over every tensor of a group (the scalars ``hc``, ``c`` as floats); return
-    the group's sums S0..S3. ``c`` None: the sums-only kernel (no update)."""
+    the group's sums S0..S3. ``c`` None: the sums-only kernel (no update). ``check``: the
+    gradients first; None, and nothing written, where one is not finite (``_sweep``)."""
     dec = bool(opts["wd"] and opts["decoupled"])
     now = [c["w1"], c["b2"], c["w2"], c["ibc2_sqrt"], c["eps"], c["step_size"], c["decay"] if dec else 1.0] \
         if c is not None else [0.0] * 7
     consts = [hc["isb2"], hc["eps"], hc["ieps"], hc["ib1"], hc["k1"], hc["ib2"], hc["k2"], hc["sa"]] + now + \
         [-1.0 if opts.get("maximize") else 1.0]
     src = _SRC if c is not None else _SUMS_SRC
-    s0, p, q1, q2, x = _sweep(_load(src, _ADAM_ARGS), params, grads, states, _ADAM_KEYS, consts,
-                              int(dec) | (2 if c is not None and c["w1"] >= 0.5 else 0), 5, memo)
+    sums = _sweep(_load(src, _ADAM_ARGS), params, grads, states, _ADAM_KEYS, consts,
+                  int(dec) | (2 if c is not None and c["w1"] >= 0.5 else 0), 5, memo, check)
+    if sums is None:
+        return None
+    s0, p, q1, q2, x = sums
     # the kernel's five sums to S0..S3 (module docstring)
     return [s0, (hc["ib1"] + hc["k1"]) * s0 - hc["ib1"] * p,
             0.5 * hc["isb2"] * ((hc["ib2"] + hc["k2"]) * q1 - hc["ib2"] * q2), x + hc["sa"] * s0]
@@ -421,9 +482,11 @@ class AdamOnePass:
         return _applies(params, grads, states, _ADAM_KEYS, (), memo)
 
     @staticmethod
-    def run(params, grads, states, hc: dict, c: dict, opts: dict, names, memo=None) -> dict:
-        """Update the group in place; return the hyper-gradients of ``names`` (floats)."""
-        return _adam_hypergrads(adam(params, grads, states, hc, c, opts, memo), hc, opts, names)
+    def run(params, grads, states, hc: dict, c: dict, opts: dict, names, memo=None, check=False) -> dict | None:
+        """Update the group in place; return the hyper-gradients of ``names`` (floats). ``check``:
+        None, and nothing written, where a gradient is not finite."""
+        s = adam(params, grads, states, hc, c, opts, memo, check)
+        return None if s is None else _adam_hypergrads(s, hc, opts, names)
 
     @staticmethod
     def hyper_sums(params, grads, states, hc: dict, opts: dict, names, memo=None) -> dict:
@@ -434,58 +497,12 @@ class AdamOnePass:
 
 # --- the finiteness check of the gradients ---------------------------------------------------
 
-# the largest |x| of float32 x as the bits say it (integer operations, unaffected by any
-# floating-point flag): inf is 0x7f800000 and NaN above, every finite value below. One read.
 _FINITE_SRC = _PRELUDE + r"""
-// every tensor j of ptrs/lens (Blocks' layout, one array each); each thread reads its share of
-// each tensor as eight streams at once, an eighth each: one stream is bound by the latency of
-// its misses (10.8 GB/s on an EPYC core, 18.0 GB/s with four, 20.0 GB/s with eight)
+// every tensor j of ptrs/lens (Blocks' layout, one array each)
 extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr_t bad_, int64_t nthreads) {
   int64_t* bad = reinterpret_cast<int64_t*>(bad_);
   const Blocks G(ptrs, lens, ntensors, 1);
-  using VI = at::vec::Vectorized<int32_t>;
-  const VI absm(0x7fffffff);
-  const int64_t L = VI::size();
-  int64_t total = 0;
-  for (int64_t j = 0; j < ntensors; ++j) total += G.lens[j];
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, total / (4096 * L)));
-  int32_t top = 0;
-  #pragma omp parallel for num_threads(nt) reduction(max:top) schedule(static)
-  for (int64_t t = 0; t < nt; ++t) {
-    VI a0(0), a1(0), a2(0), a3(0);
-    for (int64_t j = 0; j < ntensors; ++j) {
-      const int32_t* x = G.at<const int32_t>(j, 0);
-      const int64_t n = G.lens[j], nv = n / L;              // whole vectors
-      const int64_t v0 = nv * t / nt, v1 = nv * (t + 1) / nt;
-      const int64_t q = (v1 - v0) / 8;                       // vectors per stream
-      const int32_t* s0 = x + v0 * L;
-      const int32_t* s1 = s0 + q * L;
-      const int32_t* s2 = s1 + q * L;
-      const int32_t* s3 = s2 + q * L;
-      const int32_t* s4 = s3 + q * L;
-      const int32_t* s5 = s4 + q * L;
-      const int32_t* s6 = s5 + q * L;
-      const int32_t* s7 = s6 + q * L;
-      for (int64_t i = 0; i < q * L; i += L) {
-        a0 = at::vec::maximum(a0, VI::loadu(s4 + i) & absm);
-        a1 = at::vec::maximum(a1, VI::loadu(s5 + i) & absm);
-        a2 = at::vec::maximum(a2, VI::loadu(s6 + i) & absm);
-        a3 = at::vec::maximum(a3, VI::loadu(s7 + i) & absm);
-        a0 = at::vec::maximum(a0, VI::loadu(s0 + i) & absm);
-        a1 = at::vec::maximum(a1, VI::loadu(s1 + i) & absm);
-        a2 = at::vec::maximum(a2, VI::loadu(s2 + i) & absm);
-        a3 = at::vec::maximum(a3, VI::loadu(s3 + i) & absm);
-      }
-      for (int64_t i = (v0 + 8 * q) * L; i < v1 * L; i += L)  // the vectors left over
-        a0 = at::vec::maximum(a0, VI::loadu(x + i) & absm);
-      if (t == nt - 1 && nv * L < n)                         // the last, partial vector: its lanes
-        a0 = at::vec::maximum(a0, VI::loadu(x + nv * L, n - nv * L) & absm);  // past the end load as 0
-    }
-    int32_t m[VI::size()];
-    at::vec::maximum(at::vec::maximum(a0, a1), at::vec::maximum(a2, a3)).store(m);
-    for (int64_t j = 0; j < L; ++j) top = std::max(top, m[j]);
-  }
-  *bad |= top >= 0x7f800000;
+  *bad |= !finite_all(G, 0, nthreads);
 }
 """
 

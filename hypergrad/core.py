@@ -350,10 +350,12 @@ class HyperOptimizer(torch.optim.Optimizer):
     hypers: ClassVar[tuple[Hyper, ...]] = ()
     # names whose hyper-gradient is identically 0 (they act only through sign(), say)
     zero_hypergrad_names: ClassVar[tuple[str, ...]] = ()
-    # for one_pass=True: an object with covers(opts, names), applies(params, grads, states) and
-    # run(params, grads, states, hyper_coefficients, coefficients, opts, names) -> {name: float}
-    # that, given the rule's scalars as floats, makes the update in place and returns the
-    # hyper-gradients, in one pass over memory (hypergrad/_onepass.py)
+    # for one_pass=True: an object with covers(opts, names), applies(params, grads, states, memo)
+    # and run(params, grads, states, hyper_coefficients, coefficients, opts, names, memo=None,
+    # check=False) -> {name: float} | None that, given the rule's scalars as floats, makes the
+    # update in place and returns the hyper-gradients, in one pass over memory; with check, None
+    # and nothing written where a gradient is not finite (hypergrad/_onepass.py,
+    # docs/adding-an-optimizer.md)
     one_pass_kernel: ClassVar[Any] = None
 
     # ---------------------------------------------------------------- rule interface
@@ -527,6 +529,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             raise ValueError("one_pass=True needs a hyper level: it changes when hyper-steps take effect")
         self._hg_one_pass = bool(one_pass)
         self._hg_fused: set[int] = set()
+        self._hg_grads_bad = False  # set by _hg_hypergrad(check=True): a non-finite gradient, step skipped
         # a level above a one_pass bottom level differentiates its update before last
         self._hg_lag = False
         if one_pass:
@@ -1131,16 +1134,21 @@ class HyperOptimizer(torch.optim.Optimizer):
                                                        for n, hv in vars.items()}, "mask": None}
         return True
 
-    def _hg_hypergrad(self, fuse: bool = False) -> None:
+    def _hg_hypergrad(self, fuse: bool = False, check: bool = False) -> None:
         """Compute d f_t / d q for every learned hyperparameter and store it, in raw space, as
         ``.grad`` of the raw tensors: from the rule's closed form, or by autograd through the
         update at the inputs its ``restore`` rebuilds or that were recorded (see ``_hg_kind``).
 
         ``fuse`` (a ``one_pass`` bottom level): where a one-pass kernel applies, it makes this
-        step's update too, and the group goes into ``_hg_fused``."""
+        step's update too, and the group goes into ``_hg_fused``. ``check`` (with ``fuse``, one
+        param group, ``_hg_checks_inside``): the gradients are checked before anything is
+        computed or written, by the kernel or else here; where one is not finite,
+        ``_hg_grads_bad`` is set and nothing changes (the caller skips the step)."""
+        self._hg_grads_bad = False
         self._hg_fused = set()
         self._hg_summed = set()  # the groups whose hyper-gradient a hand-written sums kernel made
         learned = self._hg_learned_vars()
+        kept = [(hv, hv.grad) for hv in learned] if check else None  # (a skipped step changes nothing)
         for hv in learned:
             hv.grad = [None] * len(hv.value)
             for r in hv.raw:
@@ -1150,6 +1158,9 @@ class HyperOptimizer(torch.optim.Optimizer):
         covered: set[int] = set()
         self._hg_covered = covered
         if not learned or self._hg_t <= self._hg_warmup:
+            if check and not self._hg_grads_finite():  # (_hg_checks_inside excludes this case)
+                self._hg_grads_bad = True
+                return
             self._hg_ok = True
             if self._hg_shard_group is not None:  # every rank takes the same decision
                 self._hg_ok = self._hg_agree(self._hg_grads_finite())
@@ -1174,10 +1185,22 @@ class HyperOptimizer(torch.optim.Optimizer):
             kind = self._hg_kind(gi)
             covers = not set(names) <= set(self.zero_hypergrad_names)
             if fuse and kind == "closed" and self._hg_compiles(gi) and \
-                    self._hg_try(self._hg_onepass_group, gi, names, add):
+                    self._hg_try(self._hg_onepass_group, gi, names, add, check):
+                if self._hg_grads_bad:  # the kernel found a non-finite gradient and wrote nothing
+                    for hv, grad in kept:
+                        hv.grad = grad
+                    return
                 self._hg_fused.add(gi)
                 covered.update(id(p) for p in group["params"])
+                check = False
                 continue
+            if check:  # the kernel did not run: its check, before anything else
+                check = False
+                if not self._hg_grads_finite():  # (covered is empty: the first and only group)
+                    self._hg_grads_bad = True
+                    for hv, grad in kept:
+                        hv.grad = grad
+                    return
             if kind != "autograd" and self._hg_compiles(gi) and not self._hg_lag:
                 # a hand-written sums kernel of the closed form, else inductor's kernel
                 done = kind == "closed" and self._hg_try(self._hg_sums_group, gi, names, add)
@@ -1278,6 +1301,17 @@ class HyperOptimizer(torch.optim.Optimizer):
         if _finite([g.sum() for g in grads]):
             return True
         return _finite([x for g in grads if g.numel() for x in torch.aminmax(g)])
+
+    def _hg_checks_inside(self) -> bool:
+        """Whether a ``one_pass`` step can leave the check of the gradients (``skip_nonfinite``) to
+        ``_hg_hypergrad``: one param group (a kernel that found a non-finite gradient in a later
+        group could not undo an earlier group's update), not sharded (the ranks agree on the check
+        before anything is written), and a step on which the group's one-pass kernel is tried."""
+        if self._hg_shard_group is not None or len(self.param_groups) != 1:
+            return False
+        return bool(self._hg_learned_vars()) and self._hg_t > self._hg_warmup and \
+            self._hg_kind(0) == "closed" and self._hg_compiles(0) and \
+            getattr(type(self), "one_pass_kernel", None) is not None
 
     def _hg_agree(self, ok: bool, values: list | None = None):
         """On a level whose parameters are sharded over ``shard_group``: sum ``values`` (the
@@ -1453,9 +1487,11 @@ class HyperOptimizer(torch.optim.Optimizer):
                                                       memo=self._hg_onepass_memo.get(gi)), add)
         return True
 
-    def _hg_onepass_group(self, gi, names, add) -> bool:
+    def _hg_onepass_group(self, gi, names, add, check: bool = False) -> bool:
         """Group ``gi``'s hyper-gradient and this step's update in one pass (the rule's
-        ``one_pass_kernel``); False where it does not apply (``_hg_kernel_inputs``)."""
+        ``one_pass_kernel``); False where it does not apply (``_hg_kernel_inputs``). ``check``:
+        the kernel reads the gradients first; where one is not finite it writes nothing, and
+        ``_hg_grads_bad`` is set."""
         fn = getattr(type(self), "one_pass_kernel", None)
         got = self._hg_kernel_inputs(gi, names, fn)
         if got is None:
@@ -1466,8 +1502,11 @@ class HyperOptimizer(torch.optim.Optimizer):
         hf = {n: float(hv.value[0]) for n, hv in vars.items()}
         c = self._hg_float_scalars(gi, "coefficients", {n: hv.value[0] for n, hv in vars.items()}, hf, step, 1)
         memo = self._hg_onepass_memo.get(gi)  # (what fn.applies checked in this step: _hg_kernel_inputs)
-        self._hg_add_kernel_sums(gi, h, fn.run(params, grads, states, hc, c, self._hg_opts[gi], names, memo=memo),
-                                 add)
+        sums = fn.run(params, grads, states, hc, c, self._hg_opts[gi], names, memo=memo, check=check)
+        if sums is None:
+            self._hg_grads_bad = True
+            return True
+        self._hg_add_kernel_sums(gi, h, sums, add)
         _onepass.advance_steps(states, memo)
         rec = {"kind": "closed", "h": {n: hv.value[0].detach().clone() for n, hv in vars.items()}, "mask": None,
                "hf": hf}  # the values as floats, for the next step's scalars
@@ -1737,14 +1776,21 @@ def _drive_one_pass(bottom, levels, loss):
     The hyper-gradient of step ``t`` differentiates the update of step ``t - 1``, made with the
     hyperparameters that the hyper-step of step ``t - 2`` produced: each level above
     differentiates its update before last (``_PREV`` records; docs/math.md)."""
-    if bottom._hg_skip_nonfinite:
+    check = bottom._hg_skip_nonfinite
+    if check and not bottom._hg_checks_inside():
         # the update is in the same pass as the hyper-gradient that would reveal a non-finite
         # gradient: check the gradients first (one reduction over them)
         bottom._hg_covered = set()
         if not bottom._hg_agree(bottom._hg_grads_finite()):
             _skip(bottom, levels)
             return loss
-    bottom._hg_hypergrad(fuse=True)
+        check = False
+    # (check: the one group's one-pass kernel reads the gradients before it writes anything, or,
+    # where it does not run, _hg_hypergrad checks them before anything else)
+    bottom._hg_hypergrad(fuse=True, check=check)
+    if bottom._hg_grads_bad:
+        _skip(bottom, levels)
+        return loss
     bottom._hg_update(skip=bottom._hg_fused)
     for lvl in levels[1:-1]:
         lvl._hg_hypergrad()

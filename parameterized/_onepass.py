@@ -23,7 +23,7 @@ _MADA_SRC = _PRELUDE + r"""
 //    24 b3, 25 w3, 26 c, 27 wc, 28 w1, 29 b2, 30 w2, 31 1/t, 32 t - 1, 33 rho, 34 wrho, 35 1/bc2,
 //    36 1/bc3 (1: reference), 37 1/bc1, 38 eps, 39 lion b2, 40 lion w2, 41 lion b1, 42 lion w1,
 //    43 decay, 44 lr, 45 gamma, 46 wgamma, 47 sign of g
-// flags: 1 weight decay, 2 reference variant, 4 lerp of m high, 8 lerp of n high
+// flags: 1 weight decay, 2 reference variant, 4 lerp of m high, 8 lerp of n high, 16 check the gradients first
 // out: ten sums over the elements, added to (MadaOnePass.run turns them into the hyper-gradients)
 // each tensor (Blocks): p, g, m, v, n, v_mean, m_lion, g_prev, n_{s-1}, Yogi's and Lion's sign bytes
 extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr_t out_, uintptr_t c_,
@@ -33,6 +33,8 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
   const Blocks G(ptrs, lens, ntensors, 11);
   const int64_t B = Blocks::B, L = V::size(), nb = G.count();
   constexpr int NS = 10;
+  // flag 16: the gradients checked first (skip_nonfinite); a non-finite one: out[NS] = 1, nothing written
+  if ((flags & 16) && !finite_all(G, 1, nthreads)) { out[NS] = 1; return; }
   double S[NS] = {0};
   #pragma omp parallel num_threads(G.threads(nthreads)) reduction(+:S[:NS])
   {
@@ -154,9 +156,10 @@ class MadaOnePass:
         return _applies(params, grads, states, _MADA_KEYS, _MADA_BYTES, memo)
 
     @staticmethod
-    def run(params, grads, states, hc: dict, c: dict, opts: dict, names, memo=None) -> dict:
-        """Update the group in place; return the hyper-gradients of ``names`` (floats)."""
-        return MadaOnePass._kernel(params, grads, states, hc, c, opts, names, memo)
+    def run(params, grads, states, hc: dict, c: dict, opts: dict, names, memo=None, check=False) -> dict | None:
+        """Update the group in place; return the hyper-gradients of ``names`` (floats). ``check``:
+        None, and nothing written, where a gradient is not finite."""
+        return MadaOnePass._kernel(params, grads, states, hc, c, opts, names, memo, check)
 
     @staticmethod
     def hyper_sums(params, grads, states, hc: dict, opts: dict, names, memo=None) -> dict:
@@ -165,7 +168,8 @@ class MadaOnePass:
         return MadaOnePass._kernel(params, grads, states, hc, None, opts, names, memo)
 
     @staticmethod
-    def _kernel(params, grads, states, hc: dict, c: dict | None, opts: dict, names, memo=None) -> dict:
+    def _kernel(params, grads, states, hc: dict, c: dict | None, opts: dict, names, memo=None,
+                check=False) -> dict | None:
         f = hc  # the last update's scalars; c: this one's (floats), None for the sums only
         ref, dec = bool(opts["reference"]), bool(opts["wd"])
         ibc3, k3 = (1.0, 0.0) if ref else (f["ibc3"], f["k3"])
@@ -185,7 +189,9 @@ class MadaOnePass:
             flags = int(dec) | (2 if ref else 0)
         consts.append(-1.0 if opts.get("maximize") else 1.0)
         s = _sweep(_load(_MADA_SRC if c is not None else _MADA_SUMS_SRC, _MADA_ARGS), params, grads, states,
-                   _MADA_KEYS + _MADA_BYTES, consts, flags, 10, memo)
+                   _MADA_KEYS + _MADA_BYTES, consts, flags, 10, memo, check)
+        if s is None:
+            return None
         # the sums: 0 g adam, 1 g lion, 2 g x, 3 beta1's, 4 beta2's, 5 and 6 beta3's two terms, 7 c's,
         # 8 rho's, 9 eps's (kernel comments); with lr gamma g_t d adam / d v_hat = -e / 2
         lr, gam, wv = f["lr"], f["gamma"], mix * f["w2"]

@@ -462,3 +462,76 @@ def test_advance_steps_without_a_fit_memo_is_foreach():
     assert AdamOnePass.applies(params, grads, states, memo) and memo["static"][7] is not None
     advance_steps(states, memo)
     assert float(states[0]["step"]) == 5 and float(states[1]["step"]) == 8
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cls", [hg.Adam, MADA])
+def test_kernel_checks_the_gradients_before_it_writes(cls, threads):
+    """With one param group the one-pass kernel reads every gradient before it writes anything
+    (``skip_nonfinite=True``): a NaN, inf or -inf anywhere skips the whole step, and the run then
+    goes on bit for bit as one that never saw that step, with no separate check of the gradients."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        def make():
+            params = _model()
+            return params, cls(params, lr=1e-2, hyper=hg.SGD(lr=1e-4), one_pass=True, compile=True)
+        (pa, oa), (pb, ob) = make(), make()
+        checks = []
+        orig = type(oa)._hg_grads_finite
+        type(oa)._hg_grads_finite = lambda self: checks.append(self) or orig(self)
+        try:
+            t = 0
+            for where in [None, None, None, (3, 0, "nan"), None, (0, 37 * 301 - 1, "inf"), (1, 150, "-inf"),
+                          (2, 4, "nan"), None, None]:
+                _grads(pa, t)
+                checks.clear()
+                if where is not None:
+                    i, j, bad = where
+                    pa[i].grad.view(-1)[j] = float(bad)
+                    skipped, grads = oa.steps_skipped, dict(oa.hypergradients())
+                    oa.step()
+                    assert oa.steps_skipped == skipped + 1
+                    assert all(torch.equal(v, grads[n]) for n, v in oa.hypergradients().items())
+                    assert not checks and not oa._hg_fused
+                    continue
+                _grads(pb, t)
+                oa.step()
+                ob.step()
+                t += 1
+                if t >= 3:
+                    assert 0 in oa._hg_fused and not checks  # the kernel checked, nothing else did
+            assert oa.steps_skipped == 4 and ob.steps_skipped == 0
+            assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+            for x, y in zip(oa.levels, ob.levels):
+                for n, v in x.hyperparameters().items():
+                    assert torch.equal(v, y.hyperparameters()[n]), n
+            for a, b in zip(pa, pb):
+                sa, sb = oa.state[a], ob.state[b]
+                assert all(torch.equal(sa[k], sb[k]) for k in sb if isinstance(sb[k], torch.Tensor)), sorted(sb)
+        finally:
+            type(oa)._hg_grads_finite = orig
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_two_groups_or_no_kernel_check_before_the_step():
+    """Where the kernel cannot check for the whole step (two param groups: a later group's NaN
+    would come after an earlier group's update) or does not run (a float64 tensor in the group),
+    the gradients are checked before anything is written, and a NaN skips the step."""
+    for make in (lambda ps: [{"params": ps[:2]}, {"params": ps[2:]}], lambda ps: ps):
+        params = _model()
+        if make(params) is params:
+            params[2] = torch.nn.Parameter(params[2].detach().double())
+        opt = hg.Adam(make(params), lr=1e-2, hyper=hg.SGD(lr=1e-4), one_pass=True, compile=True)
+        for t in range(4):
+            _grads(params, t)
+            opt.step()
+        before = [p.detach().clone() for p in params]
+        steps = [float(opt.state[p]["step"]) for p in params]
+        _grads(params, 4)
+        params[-1].grad[3] = float("nan")
+        opt.step()
+        assert opt.steps_skipped == 1
+        assert all(torch.equal(a, b) for a, b in zip(before, params))
+        assert [float(opt.state[p]["step"]) for p in params] == steps
