@@ -312,7 +312,8 @@ def section_peer(args):
         runs["peer (gdtuo) Adam+SGD"] = peer_step
     except ImportError:
         print("  (gradient-descent-the-ultimate-optimizer not installed: no peer figure)")
-    t = interleaved(runs, repeats=args.repeats, inner=20, warmup=5)
+    # (a few seconds of steps in all: more rounds than the other sections, whose medians move less)
+    t = interleaved(runs, repeats=max(args.repeats, 21), inner=20, warmup=5)
     base = t["torch Adam"]
     print("\n[peer] whole training step, MLP 784-128-128-10, batch 128, 1 thread")
     for k, v in t.items():

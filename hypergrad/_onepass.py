@@ -219,18 +219,23 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
       // division are issued among the first operations: with them after the sums, the
       // operations that wait on the two square roots and divisions filled the FP scheduler
       // (llvm-mca -mcpu=znver3) and the loop ran 5-8 % slower in cache (benchmarks/kernels.py)
+      // <sums>
       const V r = vi.sqrt();
+      // </sums>
       // <update>
       const V v2 = vi * b2 + w2 * gt * gt;
       const V sv2 = v2.sqrt();
       // </update>
+      // <sums>
       const V d = r * isb2 + eps0;
       const V pos = r > zero;
       const V q = one / V::blendv(one, r * d, pos);
+      // </sums>
       // <update>
       const V m2 = lerp(mi, gt, w1, w1m1, lerp_hi);
       const V u = m2 / (sv2 * ibc2s + eps1);
       // </update>
+      // <sums>
       const V inv_d = V::blendv(ieps, r * q, pos);  // 1 / d
       const V ir = V::blendv(zero, d * q, pos);     // 1 / r, 0 where v = 0
       const V A = gt * inv_d;
@@ -246,6 +251,7 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
         t3 = V::blendv(zero, t3, in); t4 = V::blendv(zero, t4, in);
       }
       s0 = s0 + t0; s1 = s1 + t1; s2 = s2 + t2; s3 = s3 + t3; s4 = s4 + t4;
+      // </sums>
       // <update> this step's update (Adam.apply), with m2, v2 and m2 / den from above
       const V p1 = dec ? pi * decay : pi;
       (p1 - ss * u).store(p + i, k);
@@ -272,6 +278,15 @@ def _variants(src: str, p_when_sums: str = "V::loadu(p + i, k)") -> tuple[str, s
     sums = re.sub(r"// <update>.*?// </update>", "", src, flags=re.S)
     assert "<update>" not in sums and "</update>" not in sums
     return one, sums.replace("LOAD_P", p_when_sums)
+
+
+def _update_only(src: str) -> str:
+    """The one-pass kernel ``src`` without the parts between ``// <sums>`` and ``// </sums>``:
+    the update alone (the paper's order's update, after its hyper-step), which writes what the
+    one-pass kernel writes and returns zero sums."""
+    out = re.sub(r"// <sums>.*?// </sums>", "", src, flags=re.S)
+    assert "<sums>" not in out and "</sums>" not in out
+    return out
 
 
 def _load(src: str, argtypes: list):
@@ -427,6 +442,9 @@ def advance_steps(states, memo=None) -> None:
 
 
 _SRC, _SUMS_SRC = _variants(_SRC, "(dec ? V::loadu(p + i, k) : zero)")  # without S3, no read of p
+_SUMS_SRC = _SUMS_SRC.replace("// <sums>", "//").replace("// </sums>", "//")
+_UPDATE_SRC = _update_only(_SRC)
+_SRC = _SRC.replace("// <sums>", "//").replace("// </sums>", "//")
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq", "hg_gprev")
 _GROUP_ARGS = ["uintptr_t", "uintptr_t", "int64_t", "uintptr_t", "uintptr_t", "int64_t", "int64_t"]
 _ADAM_ARGS = _GROUP_ARGS
@@ -493,6 +511,17 @@ class AdamOnePass:
         """The hyper-gradients of ``names`` of the last update, reading the group only (the
         paper's order: its update follows, in the update kernel)."""
         return _adam_hypergrads(adam(params, grads, states, hc, None, opts, memo), hc, opts, names)
+
+    @staticmethod
+    def update(params, grads, states, c: dict, opts: dict, memo=None) -> None:
+        """This step's update in place (the scalars ``c`` as floats) and the gradient saved for
+        the next hyper-gradient: the one-pass kernel without its sums (the paper's order, after
+        the hyper-step)."""
+        dec = bool(opts["wd"] and opts["decoupled"])
+        consts = [0.0] * 8 + [c["w1"], c["b2"], c["w2"], c["ibc2_sqrt"], c["eps"], c["step_size"],
+                              c["decay"] if dec else 1.0, -1.0 if opts.get("maximize") else 1.0]
+        _sweep(_load(_UPDATE_SRC, _ADAM_ARGS), params, grads, states, _ADAM_KEYS, consts,
+               int(dec) | (2 if c["w1"] >= 0.5 else 0), 5, memo)
 
 
 # --- the finiteness check of the gradients ---------------------------------------------------

@@ -908,6 +908,9 @@ class HyperOptimizer(torch.optim.Optimizer):
                 continue
             kind = self._hg_kind(gi) if snaps is not None else None
             # (a level above a one_pass bottom level keeps lagged records: the eager update)
+            if kind == "closed" and not self._hg_lag and self._hg_compiles(gi) and \
+                    self._hg_try(self._hg_update_kernel, gi, kind, snaps):
+                continue
             if kind != "autograd" and not self._hg_lag and self._hg_compiles(gi) and \
                     self._hg_try(self._hg_update_compiled, gi, kind, snaps):
                 continue
@@ -1089,6 +1092,42 @@ class HyperOptimizer(torch.optim.Optimizer):
             from ._compiled import GroupKernels
             kern = self._hg_kernels[gi] = GroupKernels(type(self))
         return kern
+
+    def _hg_update_kernel(self, gi, kind, snaps) -> bool:
+        """The update of group ``gi`` (the paper's order, closed form) by the rule's hand-written
+        kernel (``one_pass_kernel.update``: the one-pass loop without its sums); False where it
+        does not apply (the conditions of ``_hg_kernel_inputs``, but for the record of the last
+        update, which this one replaces)."""
+        fn = getattr(type(self), "one_pass_kernel", None)
+        if fn is None or getattr(fn, "update", None) is None:
+            return False
+        vars, opts = self._hg_vars[gi], self._hg_opts[gi]
+        names = tuple(n for n, hv in vars.items() if hv.learned)
+        params = self.param_groups[gi]["params"]
+        if not self._hg_stable.get(gi) or not params or not fn.covers(opts, names) \
+                or any(len(hv.value) != 1 for hv in vars.values()):
+            return False
+        states, grads = [], []
+        for p in params:
+            st = self.state.get(p)
+            if not st or p.grad is None or (self._hg_proj and p in self._hg_proj):
+                return False
+            states.append(st)
+            grads.append(p.grad)
+        memo = self._hg_onepass_memo.setdefault(gi, {})
+        if not fn.applies(params, grads, states, memo):
+            return False
+        step = self._hg_common_step(gi, states)
+        if step is None:
+            return False
+        hf = {n: float(hv.value[0]) for n, hv in vars.items()}
+        c = self._hg_float_scalars(gi, "coefficients", {n: hv.value[0] for n, hv in vars.items()}, hf, step, 1)
+        fn.update(params, grads, states, c, opts, memo=memo)
+        _onepass.advance_steps(states, memo)
+        rec = {"kind": kind, "h": {n: snaps[id(hv)][0] for n, hv in vars.items()}, "mask": None, "hf": hf}
+        for st in states:
+            st[_RECORD] = rec
+        return True
 
     def _hg_update_compiled(self, gi, kind, snaps) -> bool:
         """The update of group ``gi`` as one compiled kernel; False where it does not apply

@@ -535,3 +535,34 @@ def test_two_groups_or_no_kernel_check_before_the_step():
         assert opt.steps_skipped == 1
         assert all(torch.equal(a, b) for a, b in zip(before, params))
         assert [float(opt.state[p]["step"]) for p in params] == steps
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(weight_decay=0.1), dict(maximize=True), dict(betas=(0.3, 0.9))],
+                         ids=["adam", "adamw", "maximize", "lerp-high"])
+def test_paper_order_update_kernel_is_torch_adamw(kw):
+    """In the paper's order a float32 CPU group is updated by the one-pass kernel without its
+    sums (``AdamOnePass.update``); with hyper-lr 0 that step is torch's AdamW step, and the
+    hyper-gradients it leaves to the next step agree with the eager path's."""
+    from hypergrad._onepass import AdamOnePass
+    calls = []
+    orig = AdamOnePass.update
+    AdamOnePass.update = staticmethod(lambda *a, **k: calls.append(1) or orig(*a, **k))
+    try:
+        runs = []
+        for compile in (False, True):
+            params, ref = _model(), _model()
+            opt = hg.AdamW(params, lr=1e-2, hyper=hg.SGD(lr=0.0), compile=compile, **kw)
+            topt = torch.optim.AdamW(ref, lr=1e-2, **kw)
+            for t in range(8):
+                _grads(params, t)
+                _grads(ref, t)
+                opt.step()
+                topt.step()
+            for a, b in zip(params, ref):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+            runs.append(opt)
+        assert len(calls) >= 5  # compile=True: the kernel made the steps from the third on
+        for n in runs[0].learned:
+            assert float(runs[1].hypergradients()[n]) == pytest.approx(float(runs[0].hypergradients()[n]), rel=1e-4)
+    finally:
+        AdamOnePass.update = orig
