@@ -136,14 +136,23 @@ def section_parts(args):
         opt.step()
         fused.step()
     names = opt.learned
+    kind = opt._hg_kind(0)
+    snaps = {id(hv): [v.detach().clone() for v in hv.value] for vars in opt._hg_vars for hv in vars.values()}
+
+    def nograd(f):  # (as optimizer.step runs them: inductor traces the in-place update without autograd)
+        def g():
+            with torch.no_grad():
+                return f()
+        return g
     runs = {
         "torch Adam (fused) step": fused.step,
         "hyper-Adam step": opt.step,
-        "update kernel": lambda: opt._hg_update_compiled(0, opt._hg_kind(0), None),
+        "update kernel (inductor)": nograd(lambda: opt._hg_update_compiled(0, kind, snaps)),
         "hyper-gradient kernel (inductor)": lambda: opt._hg_terms_compiled(0, opt._hg_kind(0), names,
                                                                            lambda *a: None),
     }
-    if args.device == "cpu":  # the hand-written sums kernel that the step uses on float32 CPU tensors
+    if args.device == "cpu":  # the hand-written kernels that the step uses on float32 CPU tensors
+        runs["update kernel (hand-written)"] = nograd(lambda: opt._hg_update_kernel(0, kind, snaps))
         runs["hyper-gradient kernel (hand-written)"] = lambda: opt._hg_sums_group(0, names, lambda *a: None)
     # the floor of the paper's order: the four arrays the hyper-gradient pass reads (g_t, m, v,
     # g_{t-1}), summed with no other arithmetic, in one compiled kernel
