@@ -305,19 +305,22 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
 
     ``memo`` (a dict kept by the caller for the group): the parameters, state tensors and step
     counters found fit at the last call, by identity (weak references whose death clears the
-    memo, so an id seen is the same object), the parameters' address, size and contiguity
-    (``p.data`` can be replaced) and the step counters' addresses; where they are the same, only
-    the gradients are checked (a model's gradients are new tensors at every backward), against
-    the spans recorded. The memo also keeps what ``_sweep`` and ``advance_steps`` reuse: the
+    memo, so an id seen is the same object), every one's address and the parameters' size,
+    contiguity and dtype (``.data`` can be replaced); where they are the same, only the gradients
+    are checked (a model's gradients are new tensors at every backward), against the spans
+    recorded. (Not seen: a state tensor given storage of another size or dtype at the address it
+    had, which takes two ``.data`` replacements with the first storage freed in between.) The memo also keeps what ``_sweep`` and ``advance_steps`` reuse: the
     arrays' addresses (the gradients' slots left to fill) and lengths, the step counters'
     addresses."""
     f32, i8, strided = torch.float32, torch.int8, torch.strided
     allkeys = keys + tuple(byte_keys)
     objs = [x for p, st in zip(params, states) for x in (p, *map(st.get, allkeys), st.get("step"))]
-    where = tuple([(p.data_ptr(), p.numel(), p.is_contiguous()) for p in params])
+    # the parameters' size, layout and dtype, and every tensor's address: a tensor object given
+    # other storage (.data =, set_, share_memory_) is written where its storage now is
+    where = (tuple([(p.numel(), p.is_contiguous(), p.dtype) for p in params]),
+             tuple([x.data_ptr() for x in objs if x is not None]))
     static = memo.get("static") if memo is not None else None
-    if static is not None and (static[0] != tuple(map(id, objs)) or static[1] != where
-                               or (static[7] is not None and static[7][2] != _step_ptrs(states))):
+    if static is not None and (static[0] != tuple(map(id, objs)) or static[1] != where):
         static = None
     if static is None:  # check the parameters and the state in full
         spans = []
@@ -374,11 +377,7 @@ def _steps_of(states):
                 or s.requires_grad or s.dtype not in (torch.float32, torch.float64):
             return None
         (f32 if s.dtype is torch.float32 else f64).append(s.data_ptr())
-    return f32, f64, _step_ptrs(states)
-
-
-def _step_ptrs(states) -> tuple:
-    return tuple([st["step"].data_ptr() for st in states])
+    return f32, f64
 
 
 def _sweep(kernel, params, grads, states, keys, consts: list, flags: int, nsums: int, memo=None,
@@ -433,12 +432,17 @@ def advance_steps(states, memo=None) -> None:
     ``torch._foreach_add_``."""
     static = memo.get("static") if memo is not None else None
     steps = static[7] if static is not None and len(static) > 7 else None
-    if steps is None:
+    kernel = None
+    if steps is not None:
+        try:  # (called after the update has been written: a failure here must not fail the step)
+            kernel = _load(_STEPS_SRC, ["uintptr_t", "int64_t", "uintptr_t", "int64_t"])
+        except Exception:
+            kernel = None
+    if kernel is None:
         torch._foreach_add_([st["step"] for st in states], 1)
         return
-    a, b, _ = steps
-    _load(_STEPS_SRC, ["uintptr_t", "int64_t", "uintptr_t", "int64_t"])(
-        a.buffer_info()[0], len(a), b.buffer_info()[0], len(b))
+    a, b = steps
+    kernel(a.buffer_info()[0], len(a), b.buffer_info()[0], len(b))
 
 
 _SRC, _SUMS_SRC = _variants(_SRC, "(dec ? V::loadu(p + i, k) : zero)")  # without S3, no read of p

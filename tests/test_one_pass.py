@@ -566,3 +566,60 @@ def test_paper_order_update_kernel_is_torch_adamw(kw):
             assert float(runs[1].hypergradients()[n]) == pytest.approx(float(runs[0].hypergradients()[n]), rel=1e-4)
     finally:
         AdamOnePass.update = orig
+
+
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "paper-order"])
+def test_kernels_follow_a_state_tensor_given_other_storage(one_pass):
+    """A state tensor that keeps its object but gets other storage (``.data =``, ``set_``,
+    ``share_memory_``) is written where its storage now is: the kernels' memo compares every
+    tensor's address, and the run is bit for bit the run without the swap."""
+    runs = []
+    for swap in (False, True):
+        params = _model()
+        opt = hg.Adam(params, lr=1e-2, hyper=hg.SGD(lr=1e-4), one_pass=one_pass, compile=True)
+        for t in range(6):
+            _grads(params, t)
+            if swap and t == 4:
+                st = opt.state[params[3]]
+                for k in ("exp_avg", "exp_avg_sq", "hg_gprev"):
+                    old = st[k].data
+                    st[k].data = old.clone()  # the same values elsewhere; the old storage kept alive
+                    frozen, kept = old.clone(), old
+                    assert st[k].data_ptr() != kept.data_ptr()
+            opt.step()
+            assert (opt._hg_fused if one_pass else opt._hg_summed) or t < 2
+        if swap:
+            assert torch.equal(kept, frozen)  # nothing written to the storage the tensor left
+        runs.append((params, opt))
+    (pa, oa), (pb, ob) = runs
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+    for a, b in zip(pa, pb):
+        sa, sb = oa.state[a], ob.state[b]
+        assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq", "hg_gprev", "step"))
+
+
+def test_a_failing_step_counter_kernel_does_not_update_twice(monkeypatch):
+    """The step counters advance after the update is written: where their kernel cannot be
+    built, ``torch._foreach_add_`` advances them and the step is not made again by another path
+    (with hyper-lr 0 the run stays torch's AdamW)."""
+    from hypergrad import _onepass
+    orig = _onepass._load
+
+    def load(src, argtypes):
+        if src is _onepass._STEPS_SRC:
+            raise RuntimeError("no compiler for the counters")
+        return orig(src, argtypes)
+    monkeypatch.setattr(_onepass, "_load", load)
+    for one_pass in (True, False):
+        params, ref = _model(), _model()
+        opt = hg.AdamW(params, lr=1e-2, hyper=hg.SGD(lr=0.0), one_pass=one_pass, compile=True)
+        topt = torch.optim.AdamW(ref, lr=1e-2)
+        for t in range(6):
+            _grads(params, t)
+            _grads(ref, t)
+            opt.step()
+            topt.step()
+        assert opt._hg_compile is True  # no fallback turned compilation off
+        for a, b in zip(params, ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert [float(opt.state[p]["step"]) for p in params] == [6.0] * len(params)
