@@ -22,16 +22,21 @@ of ``Adam.hyper_apply`` with the scalar factors taken out of the sums (``docs/ma
 
 and ``S1 = (ib1 + k1) S0 - ib1 P``, ``S2 = isb2 ((ib2 + k2) Q1 - ib2 Q2) / 2``, ``S3 = X + sa S0``
 follow (``adam``): 11 vector multiplications an element where the sums as written took 17, in a
-loop that the multiplications bound (two of Zen 3's four vector pipes; 6 % of the kernel's time
-at 262,144 and at 10M parameters). The price: ``S2`` subtracts two sums where the closed form
+loop where each operation added costs about a cycle (6 % of the kernel's time at 262,144 and at
+10M parameters; in cache the loop is bound by its out-of-order window, ``docs/benchmarks.md``).
+The price: ``S2`` subtracts two sums where the closed form
 subtracts per element, so where ``v`` and ``g_s^2`` nearly cancel everywhere its float32
 rounding grows (a review measured 2.1e-6 relative against 7e-7, 200k elements with
-``v = g_s^2``), still at the level of float32 sums. Float32 lanes sum blocks of 4096 elements; blocks add up in
-float64. Built with inductor's C++ toolchain (the one ``compile=True`` uses) on first use.
+``v = g_s^2``), still at the level of float32 sums. Float32 lanes sum blocks of 4096 elements;
+blocks add up in float64. Built with inductor's C++ toolchain (the one ``compile=True`` uses) on
+first use.
 
 Each one-pass kernel has a sums-only twin (``_variants``: the same loop without its update),
-which the paper's order runs before its compiled update: inductor's CPU reductions ran at a
-third of memory speed on AVX2. The module also holds the finiteness check of the gradients.
+which the paper's order runs before its update (inductor's CPU reductions ran at a third of
+memory speed on AVX2), and Adam's an update-only twin, which makes that update (``AdamOnePass.update``:
+inductor's update call checks every input's size and stride). The module also holds the
+finiteness check of the gradients (``finite_all``, which the one-pass kernels also run first
+under ``skip_nonfinite``) and the step counters' increment (``advance_steps``).
 """
 
 from __future__ import annotations
@@ -124,7 +129,8 @@ static inline V lanes(int64_t k) {
   float ones[V::size()];
   for (int64_t j = 0; j < V::size(); ++j) ones[j] = 1.f;
   return V::loadu(ones, k) > V(0.f);
-}// whether every element of array a of every tensor of G (float32, read as bits) is finite: the
+}
+// whether every element of array a of every tensor of G (float32, read as bits) is finite: the
 // largest |x| as the bits say it (integer operations, unaffected by any floating-point flag):
 // inf is 0x7f800000 and NaN above, every finite value below. One read; each thread reads its
 // share of each tensor as eight streams at once, an eighth each: one stream is bound by the
@@ -214,11 +220,11 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
       const V mi = V::loadu(m + i, k), vi = V::loadu(v + i, k), gp = V::loadu(gs + i, k);
       const V pi = LOAD_P;
       // the hyper-gradient of the last update (Adam.hyper_apply), in five sums whose scalar
-      // factors (ib1, k1, ib2, k2, sa) AdamOnePass applies afterwards: the loop is bound by
-      // its multiplications (two of Zen 3's four vector pipes). This step's square root and
-      // division are issued among the first operations: with them after the sums, the
-      // operations that wait on the two square roots and divisions filled the FP scheduler
-      // (llvm-mca -mcpu=znver3) and the loop ran 5-8 % slower in cache (benchmarks/kernels.py)
+      // factors (ib1, k1, ib2, k2, sa) AdamOnePass applies afterwards (fewer multiplications).
+      // This step's square root and division are issued among the first operations: with them
+      // after the sums, the operations that wait on the two square roots and divisions filled
+      // the FP scheduler (llvm-mca -mcpu=znver3) and the loop ran 5-8 % slower in cache
+      // (benchmarks/kernels.py). The marked parts: what the sums-only and update-only twins drop
       // <sums>
       const V r = vi.sqrt();
       // </sums>
@@ -270,23 +276,25 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
 _KERNELS: dict = {}
 
 
-def _variants(src: str, p_when_sums: str = "V::loadu(p + i, k)") -> tuple[str, str]:
-    """The one-pass kernel of ``src`` and its sums-only twin: the same loop without the parts
-    between ``// <update>`` and ``// </update>`` (it writes nothing; the paper's order runs it
-    before the update kernel). ``LOAD_P`` in ``src`` is how each reads the parameter."""
-    one = src.replace("// <update>", "//").replace("// </update>", "//").replace("LOAD_P", "V::loadu(p + i, k)")
-    sums = re.sub(r"// <update>.*?// </update>", "", src, flags=re.S)
-    assert "<update>" not in sums and "</update>" not in sums
-    return one, sums.replace("LOAD_P", p_when_sums)
+def _variants(src: str, p_when_sums: str = "V::loadu(p + i, k)") -> tuple[str, str, str]:
+    """The one-pass kernel of ``src``, its sums-only twin and its update-only twin: the same loop
+    without the parts between ``// <update>`` and ``// </update>`` (it writes nothing; the
+    paper's order runs it before its update), or without those between ``// <sums>`` and
+    ``// </sums>`` (the paper's order's update, after its hyper-step; it writes what the
+    one-pass kernel writes and returns zero sums; where ``src`` marks no sums it is the one-pass
+    kernel). ``LOAD_P`` in ``src`` is how each reads the parameter."""
+    def drop(text, tag):
+        out = re.sub(rf"// <{tag}>.*?// </{tag}>", "", text, flags=re.S)
+        assert f"<{tag}>" not in out and f"</{tag}>" not in out
+        return out
 
-
-def _update_only(src: str) -> str:
-    """The one-pass kernel ``src`` without the parts between ``// <sums>`` and ``// </sums>``:
-    the update alone (the paper's order's update, after its hyper-step), which writes what the
-    one-pass kernel writes and returns zero sums."""
-    out = re.sub(r"// <sums>.*?// </sums>", "", src, flags=re.S)
-    assert "<sums>" not in out and "</sums>" not in out
-    return out
+    def plain(text):
+        for tag in ("update", "sums"):
+            text = text.replace(f"// <{tag}>", "//").replace(f"// </{tag}>", "//")
+        return text
+    full = "V::loadu(p + i, k)"
+    return (plain(src).replace("LOAD_P", full), plain(drop(src, "update")).replace("LOAD_P", p_when_sums),
+            plain(drop(src, "sums")).replace("LOAD_P", full))
 
 
 def _load(src: str, argtypes: list):
@@ -309,9 +317,9 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
     contiguity and dtype (``.data`` can be replaced); where they are the same, only the gradients
     are checked (a model's gradients are new tensors at every backward), against the spans
     recorded. (Not seen: a state tensor given storage of another size or dtype at the address it
-    had, which takes two ``.data`` replacements with the first storage freed in between.) The memo also keeps what ``_sweep`` and ``advance_steps`` reuse: the
-    arrays' addresses (the gradients' slots left to fill) and lengths, the step counters'
-    addresses."""
+    had, which takes two ``.data`` replacements with the first storage freed in between.) The
+    memo also keeps what ``_sweep`` and ``advance_steps`` reuse: the arrays' addresses (the
+    gradients' slots left to fill) and lengths, the step counters' addresses."""
     f32, i8, strided = torch.float32, torch.int8, torch.strided
     allkeys = keys + tuple(byte_keys)
     objs = [x for p, st in zip(params, states) for x in (p, *map(st.get, allkeys), st.get("step"))]
@@ -339,12 +347,7 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
             return False
         if memo is not None:
             clear = lambda _, memo=memo: memo.pop("static", None)  # noqa: E731
-            # the arrays' addresses in _sweep's order (p, g, the state's keys), g's slots 0
-            ptrs = array.array("Q")
-            for p, st in zip(params, states):
-                ptrs.append(p.data_ptr())
-                ptrs.append(0)
-                ptrs.extend([st[k].data_ptr() for k in allkeys])
+            ptrs = _addresses(params, None, states, allkeys)  # the gradients' slots 0
             # (ids, where, the weak references that keep the ids meaningful, span starts, ends,
             #  the addresses and their keys, the lengths, the step counters)
             memo["static"] = static = (tuple(map(id, objs)), where, [weakref.ref(x, clear) for x in objs
@@ -365,6 +368,17 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
             if j >= 0 and ends[j] > lo:
                 return False
     return True
+
+
+def _addresses(params, grads, states, keys) -> array.array:
+    """The arrays' addresses in the kernels' order (``Blocks``): for each tensor ``p``, ``g`` (0
+    where ``grads`` is None: the memo's template) and the state's ``keys``."""
+    ptrs = array.array("Q")  # (addresses: unsigned)
+    for j, (p, st) in enumerate(zip(params, states)):
+        ptrs.append(p.data_ptr())
+        ptrs.append(0 if grads is None else grads[j].data_ptr())
+        ptrs.extend([st[k].data_ptr() for k in keys])
+    return ptrs
 
 
 def _steps_of(states):
@@ -394,16 +408,12 @@ def _sweep(kernel, params, grads, states, keys, consts: list, flags: int, nsums:
     c = array.array("d", consts)
     out = array.array("d", bytes(8 * (nsums + 1)))  # zeros: the kernel adds its sums to it; then the flag
     static = memo.get("static") if memo is not None else None
-    if static is not None and len(static) > 5 and static[5][0] == tuple(keys):
+    if static is not None and static[5][0] == tuple(keys):
         ptrs = array.array("Q", static[5][1])
         ptrs[1::2 + len(keys)] = array.array("Q", [g.data_ptr() for g in grads])
         lens = static[6]
     else:
-        ptrs = array.array("Q")  # (addresses: unsigned)
-        for p, g, st in zip(params, grads, states):
-            ptrs.append(p.data_ptr())
-            ptrs.append(g.data_ptr())
-            ptrs.extend([st[key].data_ptr() for key in keys])
+        ptrs = _addresses(params, grads, states, keys)
         lens = array.array("q", [p.numel() for p in params])
     # (the tensors stay referenced by the caller for the call: the kernel holds addresses only)
     kernel(ptrs.buffer_info()[0], lens.buffer_info()[0], len(params), out.buffer_info()[0], c.buffer_info()[0],
@@ -431,7 +441,7 @@ def advance_steps(states, memo=None) -> None:
     ``torch._foreach_add_`` loops over the tensors on the CPU, 2-4 us each), else with
     ``torch._foreach_add_``."""
     static = memo.get("static") if memo is not None else None
-    steps = static[7] if static is not None and len(static) > 7 else None
+    steps = static[7] if static is not None else None
     kernel = None
     if steps is not None:
         try:  # (called after the update has been written: a failure here must not fail the step)
@@ -445,27 +455,31 @@ def advance_steps(states, memo=None) -> None:
     kernel(a.buffer_info()[0], len(a), b.buffer_info()[0], len(b))
 
 
-_SRC, _SUMS_SRC = _variants(_SRC, "(dec ? V::loadu(p + i, k) : zero)")  # without S3, no read of p
-_SUMS_SRC = _SUMS_SRC.replace("// <sums>", "//").replace("// </sums>", "//")
-_UPDATE_SRC = _update_only(_SRC)
-_SRC = _SRC.replace("// <sums>", "//").replace("// </sums>", "//")
+_SRC, _SUMS_SRC, _UPDATE_SRC = _variants(_SRC, "(dec ? V::loadu(p + i, k) : zero)")  # sums: no S3, no read of p
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq", "hg_gprev")
 _GROUP_ARGS = ["uintptr_t", "uintptr_t", "int64_t", "uintptr_t", "uintptr_t", "int64_t", "int64_t"]
 _ADAM_ARGS = _GROUP_ARGS
+
+
+def _adam_consts(hc: dict | None, c: dict | None, opts: dict) -> tuple[list, int]:
+    """The kernel's scalars (its C++ comment) and flags: the last update's ``hc`` (None: the
+    update-only kernel), this one's ``c`` (None: the sums-only kernel)."""
+    dec = bool(opts["wd"] and opts["decoupled"])
+    last = [hc["isb2"], hc["eps"], hc["ieps"], hc["ib1"], hc["k1"], hc["ib2"], hc["k2"], hc["sa"]] \
+        if hc is not None else [0.0] * 8
+    now = [c["w1"], c["b2"], c["w2"], c["ibc2_sqrt"], c["eps"], c["step_size"], c["decay"] if dec else 1.0] \
+        if c is not None else [0.0] * 7
+    flags = int(dec) | (2 if c is not None and c["w1"] >= 0.5 else 0)
+    return last + now + [-1.0 if opts.get("maximize") else 1.0], flags
 
 
 def adam(params, grads, states, hc: dict, c: dict | None, opts: dict, memo=None, check=False) -> list | None:
     """Run the kernel over every tensor of a group (the scalars ``hc``, ``c`` as floats); return
     the group's sums S0..S3. ``c`` None: the sums-only kernel (no update). ``check``: the
     gradients first; None, and nothing written, where one is not finite (``_sweep``)."""
-    dec = bool(opts["wd"] and opts["decoupled"])
-    now = [c["w1"], c["b2"], c["w2"], c["ibc2_sqrt"], c["eps"], c["step_size"], c["decay"] if dec else 1.0] \
-        if c is not None else [0.0] * 7
-    consts = [hc["isb2"], hc["eps"], hc["ieps"], hc["ib1"], hc["k1"], hc["ib2"], hc["k2"], hc["sa"]] + now + \
-        [-1.0 if opts.get("maximize") else 1.0]
+    consts, flags = _adam_consts(hc, c, opts)
     src = _SRC if c is not None else _SUMS_SRC
-    sums = _sweep(_load(src, _ADAM_ARGS), params, grads, states, _ADAM_KEYS, consts,
-                  int(dec) | (2 if c is not None and c["w1"] >= 0.5 else 0), 5, memo, check)
+    sums = _sweep(_load(src, _ADAM_ARGS), params, grads, states, _ADAM_KEYS, consts, flags, 5, memo, check)
     if sums is None:
         return None
     s0, p, q1, q2, x = sums
@@ -521,11 +535,8 @@ class AdamOnePass:
         """This step's update in place (the scalars ``c`` as floats) and the gradient saved for
         the next hyper-gradient: the one-pass kernel without its sums (the paper's order, after
         the hyper-step)."""
-        dec = bool(opts["wd"] and opts["decoupled"])
-        consts = [0.0] * 8 + [c["w1"], c["b2"], c["w2"], c["ibc2_sqrt"], c["eps"], c["step_size"],
-                              c["decay"] if dec else 1.0, -1.0 if opts.get("maximize") else 1.0]
-        _sweep(_load(_UPDATE_SRC, _ADAM_ARGS), params, grads, states, _ADAM_KEYS, consts,
-               int(dec) | (2 if c["w1"] >= 0.5 else 0), 5, memo)
+        consts, flags = _adam_consts(None, c, opts)
+        _sweep(_load(_UPDATE_SRC, _ADAM_ARGS), params, grads, states, _ADAM_KEYS, consts, flags, 5, memo)
 
 
 # --- the finiteness check of the gradients ---------------------------------------------------

@@ -1096,33 +1096,21 @@ class HyperOptimizer(torch.optim.Optimizer):
     def _hg_update_kernel(self, gi, kind, snaps) -> bool:
         """The update of group ``gi`` (the paper's order, closed form) by the rule's hand-written
         kernel (``one_pass_kernel.update``: the one-pass loop without its sums); False where it
-        does not apply (the conditions of ``_hg_kernel_inputs``, but for the record of the last
-        update, which this one replaces)."""
+        does not apply (``_hg_kernel_group``; tensors whose steps are not aligned)."""
         fn = getattr(type(self), "one_pass_kernel", None)
-        if fn is None or getattr(fn, "update", None) is None:
+        if getattr(fn, "update", None) is None:
             return False
-        vars, opts = self._hg_vars[gi], self._hg_opts[gi]
-        names = tuple(n for n, hv in vars.items() if hv.learned)
-        params = self.param_groups[gi]["params"]
-        if not self._hg_stable.get(gi) or not params or not fn.covers(opts, names) \
-                or any(len(hv.value) != 1 for hv in vars.values()):
+        vars = self._hg_vars[gi]
+        got = self._hg_kernel_group(gi, tuple(n for n, hv in vars.items() if hv.learned), fn, recorded=False)
+        if got is None:
             return False
-        states, grads = [], []
-        for p in params:
-            st = self.state.get(p)
-            if not st or p.grad is None or (self._hg_proj and p in self._hg_proj):
-                return False
-            states.append(st)
-            grads.append(p.grad)
-        memo = self._hg_onepass_memo.setdefault(gi, {})
-        if not fn.applies(params, grads, states, memo):
-            return False
+        params, grads, states = got
         step = self._hg_common_step(gi, states)
         if step is None:
             return False
-        hf = {n: float(hv.value[0]) for n, hv in vars.items()}
-        c = self._hg_float_scalars(gi, "coefficients", {n: hv.value[0] for n, hv in vars.items()}, hf, step, 1)
-        fn.update(params, grads, states, c, opts, memo=memo)
+        hf, c = self._hg_now_scalars(gi, step)
+        memo = self._hg_onepass_memo.get(gi)  # (what fn.applies checked in this step)
+        fn.update(params, grads, states, c, self._hg_opts[gi], memo=memo)
         _onepass.advance_steps(states, memo)
         rec = {"kind": kind, "h": {n: snaps[id(hv)][0] for n, hv in vars.items()}, "mask": None, "hf": hf}
         for st in states:
@@ -1181,13 +1169,18 @@ class HyperOptimizer(torch.optim.Optimizer):
         ``fuse`` (a ``one_pass`` bottom level): where a one-pass kernel applies, it makes this
         step's update too, and the group goes into ``_hg_fused``. ``check`` (with ``fuse``, one
         param group, ``_hg_checks_inside``): the gradients are checked before anything is
-        computed or written, by the kernel or else here; where one is not finite,
-        ``_hg_grads_bad`` is set and nothing changes (the caller skips the step)."""
+        computed or written, by the group's one-pass kernel where it runs, else here; where one
+        is not finite, ``_hg_grads_bad`` is set and nothing changes (the caller skips the step)."""
         self._hg_grads_bad = False
         self._hg_fused = set()
         self._hg_summed = set()  # the groups whose hyper-gradient a hand-written sums kernel made
         learned = self._hg_learned_vars()
-        kept = [(hv, hv.grad) for hv in learned] if check else None  # (a skipped step changes nothing)
+        kept = [(hv, hv.grad) for hv in learned]
+
+        def skipped():  # a non-finite gradient (check): everything as it was; the caller skips the step
+            self._hg_grads_bad = True
+            for hv, grad in kept:
+                hv.grad = grad
         for hv in learned:
             hv.grad = [None] * len(hv.value)
             for r in hv.raw:
@@ -1197,8 +1190,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         covered: set[int] = set()
         self._hg_covered = covered
         if not learned or self._hg_t <= self._hg_warmup:
-            if check and not self._hg_grads_finite():  # (_hg_checks_inside excludes this case)
-                self._hg_grads_bad = True
+            if check and not self._hg_grads_finite():
+                skipped()
                 return
             self._hg_ok = True
             if self._hg_shard_group is not None:  # every rank takes the same decision
@@ -1226,8 +1219,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             if fuse and kind == "closed" and self._hg_compiles(gi) and \
                     self._hg_try(self._hg_onepass_group, gi, names, add, check):
                 if self._hg_grads_bad:  # the kernel found a non-finite gradient and wrote nothing
-                    for hv, grad in kept:
-                        hv.grad = grad
+                    skipped()
                     return
                 self._hg_fused.add(gi)
                 covered.update(id(p) for p in group["params"])
@@ -1236,9 +1228,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             if check:  # the kernel did not run: its check, before anything else
                 check = False
                 if not self._hg_grads_finite():  # (covered is empty: the first and only group)
-                    self._hg_grads_bad = True
-                    for hv, grad in kept:
-                        hv.grad = grad
+                    skipped()
                     return
             if kind != "autograd" and self._hg_compiles(gi) and not self._hg_lag:
                 # a hand-written sums kernel of the closed form, else inductor's kernel
@@ -1343,14 +1333,11 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     def _hg_checks_inside(self) -> bool:
         """Whether a ``one_pass`` step can leave the check of the gradients (``skip_nonfinite``) to
-        ``_hg_hypergrad``: one param group (a kernel that found a non-finite gradient in a later
-        group could not undo an earlier group's update), not sharded (the ranks agree on the check
-        before anything is written), and a step on which the group's one-pass kernel is tried."""
-        if self._hg_shard_group is not None or len(self.param_groups) != 1:
-            return False
-        return bool(self._hg_learned_vars()) and self._hg_t > self._hg_warmup and \
-            self._hg_kind(0) == "closed" and self._hg_compiles(0) and \
-            getattr(type(self), "one_pass_kernel", None) is not None
+        ``_hg_hypergrad(check=True)``, which leaves it to the group's one-pass kernel where it runs:
+        one param group (a kernel that found a non-finite gradient in a later group could not
+        undo an earlier group's update) and not sharded (the ranks agree on the check before
+        anything is written)."""
+        return self._hg_shard_group is None and len(self.param_groups) == 1
 
     def _hg_agree(self, ok: bool, values: list | None = None):
         """On a level whose parameters are sharded over ``shard_group``: sum ``values`` (the
@@ -1469,31 +1456,44 @@ class HyperOptimizer(torch.optim.Optimizer):
                 add(hv, idx, states[i][_RECORD]["h"][n], val)
         return True
 
-    def _hg_kernel_inputs(self, gi, names, fn):
-        """What a hand-written kernel of the rule (``one_pass_kernel``) needs for group ``gi``: the
-        parameters, gradients, states, the shared record of the last update, its step count and
-        the last update's scalars (floats); None where it does not apply: names it does not
-        cover, per-tensor values, projected parameters, tensors that are not float32 CPU tensors
-        with aligned steps."""
+    def _hg_kernel_group(self, gi, names, fn, recorded: bool):
+        """The parameters, gradients and states of group ``gi`` where a hand-written kernel of the
+        rule (``one_pass_kernel``) can take them, else None: names it does not cover, per-tensor
+        values, projected parameters, missing gradients, tensors that are not float32 CPU tensors
+        (``fn.applies``, which fills the group's memo for the kernel). ``recorded``: every tensor
+        also has a closed-form record of its last update without a projection mask (the
+        hyper-gradient kernels read it)."""
         opts = self._hg_opts[gi]
         if fn is None or not fn.covers(opts, names):
             return None
         vars = self._hg_vars[gi]
         params = self.param_groups[gi]["params"]
-        keys = self._hg_stable.get(gi)
-        if not keys or not params or any(len(hv.value) != 1 for hv in vars.values()):
+        if not self._hg_stable.get(gi) or not params or any(len(hv.value) != 1 for hv in vars.values()):
             return None
         states, grads = [], []
         for p in params:
             st = self.state.get(p)
-            rec = st.get(_RECORD) if st else None
-            if rec is None or p.grad is None or rec["kind"] != "closed" or rec["mask"] is not None \
-                    or (self._hg_proj and p in self._hg_proj):
+            if not st or p.grad is None or (self._hg_proj and p in self._hg_proj):
                 return None
+            if recorded:
+                rec = st.get(_RECORD)
+                if rec is None or rec["kind"] != "closed" or rec["mask"] is not None:
+                    return None
             states.append(st)
             grads.append(p.grad)
         if not fn.applies(params, grads, states, self._hg_onepass_memo.setdefault(gi, {})):
             return None
+        return params, grads, states
+
+    def _hg_kernel_inputs(self, gi, names, fn):
+        """What a hand-written kernel of the rule needs for the hyper-gradient of group ``gi``'s
+        last update: the parameters, gradients, states (``_hg_kernel_group``), the shared record of
+        the last update, its step count and the last update's scalars (floats); None where it
+        does not apply (also: tensors whose steps are not aligned)."""
+        got = self._hg_kernel_group(gi, names, fn, recorded=True)
+        if got is None:
+            return None
+        params, grads, states = got
         # one record serves the group where its tensors have taken the same steps
         rec = states[0][_RECORD]
         h = rec["h"]
@@ -1504,6 +1504,13 @@ class HyperOptimizer(torch.optim.Optimizer):
         hc = self._hg_float_scalars(gi, "hyper_coefficients", h, rec.get("hf") or {n: float(x) for n, x in h.items()},
                                     step, 0)
         return params, grads, states, h, step, hc
+
+    def _hg_now_scalars(self, gi, step):
+        """This update's values as floats and the rule's scalars from them (``coefficients`` at
+        step ``step + 1``), for a hand-written kernel."""
+        vars = self._hg_vars[gi]
+        hf = {n: float(hv.value[0]) for n, hv in vars.items()}
+        return hf, self._hg_float_scalars(gi, "coefficients", {n: hv.value[0] for n, hv in vars.items()}, hf, step, 1)
 
     def _hg_add_kernel_sums(self, gi, h, sums, add) -> None:
         vars = self._hg_vars[gi]
@@ -1536,10 +1543,8 @@ class HyperOptimizer(torch.optim.Optimizer):
         if got is None:
             return False
         params, grads, states, h, step, hc = got
-        # the scalars of this update (the values now), as floats
         vars = self._hg_vars[gi]
-        hf = {n: float(hv.value[0]) for n, hv in vars.items()}
-        c = self._hg_float_scalars(gi, "coefficients", {n: hv.value[0] for n, hv in vars.items()}, hf, step, 1)
+        hf, c = self._hg_now_scalars(gi, step)  # the scalars of this update (the values now), as floats
         memo = self._hg_onepass_memo.get(gi)  # (what fn.applies checked in this step: _hg_kernel_inputs)
         sums = fn.run(params, grads, states, hc, c, self._hg_opts[gi], names, memo=memo, check=check)
         if sums is None:

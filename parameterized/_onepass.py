@@ -134,7 +134,7 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
 }
 """
 
-_MADA_SRC, _MADA_SUMS_SRC = _variants(_MADA_SRC)
+_MADA_SRC, _MADA_SUMS_SRC, _ = _variants(_MADA_SRC)  # (no update-only twin: MADA marks no sums)
 _MADA_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "v_mean", "lion_exp_avg", "previous_grad", "hg_n")
 _MADA_BYTES = ("hg_ysign", "hg_sign")
 _MADA_ARGS = _GROUP_ARGS

@@ -175,19 +175,25 @@ def test_kernel_agrees_with_eager(kw, threads, one_pass):
         torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_zero_hyper_lr_is_torch_adam(compile):
-    """With hyper-lr 0 the hyperparameters never move: the one-pass step is torch's AdamW step."""
+def _as_torch_adamw(make, steps, **kw):
+    """Run ``make(params)`` and ``torch.optim.AdamW(lr=1e-2, **kw)`` on the same gradients for
+    ``steps`` steps and assert that the parameters agree; return the parameters and optimizer."""
     params, ref = _model(), _model()
-    opt = hg.AdamW(params, lr=1e-2, weight_decay=0.1, hyper=hg.SGD(lr=0.0), one_pass=True, compile=compile)
-    topt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
-    for t in range(10):
+    opt, topt = make(params), torch.optim.AdamW(ref, lr=1e-2, **kw)
+    for t in range(steps):
         _grads(params, t)
         _grads(ref, t)
         opt.step()
         topt.step()
     for a, b in zip(params, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    return params, opt
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_zero_hyper_lr_is_torch_adam(compile):
+    """With hyper-lr 0 the hyperparameters never move: the one-pass step is torch's AdamW step."""
+    _as_torch_adamw(lambda ps: hg.AdamW(ps, lr=1e-2, weight_decay=0.1, hyper=hg.SGD(lr=0.0), one_pass=True,
+                                        compile=compile), 10, weight_decay=0.1)
 
 
 @pytest.mark.parametrize("rule", ["adam", "mada"])
@@ -550,16 +556,8 @@ def test_paper_order_update_kernel_is_torch_adamw(kw):
     try:
         runs = []
         for compile in (False, True):
-            params, ref = _model(), _model()
-            opt = hg.AdamW(params, lr=1e-2, hyper=hg.SGD(lr=0.0), compile=compile, **kw)
-            topt = torch.optim.AdamW(ref, lr=1e-2, **kw)
-            for t in range(8):
-                _grads(params, t)
-                _grads(ref, t)
-                opt.step()
-                topt.step()
-            for a, b in zip(params, ref):
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+            _, opt = _as_torch_adamw(lambda ps: hg.AdamW(ps, lr=1e-2, hyper=hg.SGD(lr=0.0), compile=compile, **kw),
+                                     8, **kw)
             runs.append(opt)
         assert len(calls) >= 5  # compile=True: the kernel made the steps from the third on
         for n in runs[0].learned:
@@ -611,15 +609,7 @@ def test_a_failing_step_counter_kernel_does_not_update_twice(monkeypatch):
         return orig(src, argtypes)
     monkeypatch.setattr(_onepass, "_load", load)
     for one_pass in (True, False):
-        params, ref = _model(), _model()
-        opt = hg.AdamW(params, lr=1e-2, hyper=hg.SGD(lr=0.0), one_pass=one_pass, compile=True)
-        topt = torch.optim.AdamW(ref, lr=1e-2)
-        for t in range(6):
-            _grads(params, t)
-            _grads(ref, t)
-            opt.step()
-            topt.step()
+        params, opt = _as_torch_adamw(lambda ps: hg.AdamW(ps, lr=1e-2, hyper=hg.SGD(lr=0.0), one_pass=one_pass,
+                                                          compile=True), 6)
         assert opt._hg_compile is True  # no fallback turned compilation off
-        for a, b in zip(params, ref):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
         assert [float(opt.state[p]["step"]) for p in params] == [6.0] * len(params)
