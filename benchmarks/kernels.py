@@ -14,8 +14,8 @@ commits, run this file from each checkout in turn (``PYTHONPATH=<checkout> pytho
 
 The kernels are called with the arguments the optimizer passes them (taken from a real step of
 hyper-Adam and MADA, ``one_pass=True``, one tensor): the one-pass kernel, its sums-only twin
-(the paper's order), the one-pass source without its sums ("update only": the compiler drops the
-hyper-gradient's arithmetic with them), against torch's fused Adam/AdamW step on the same
+(the paper's order), its update-only twin (the one-pass source without its sums: the compiler
+drops the hyper-gradient's arithmetic with them), against torch's fused Adam/AdamW step on the same
 number of elements.
 """
 
@@ -70,21 +70,20 @@ def kernels(sizes, rounds):
     mod = {"Adam": adam_kernels, "MADA": mada_kernels}
     made = {"Adam": R.hyper_adam(True, one_pass=True, skip_nonfinite=False),
             "MADA": R.mada(True, one_pass=True, skip_nonfinite=False)}
-    twins = {"Adam": adam_kernels._SUMS_SRC, "MADA": mada_kernels._MADA_SUMS_SRC}
-    # the one-pass source with its sums dropped: the compiler then drops the hyper-gradient's
-    # arithmetic too, which leaves the update's loads, stores and arithmetic
-    dead = {"Adam": (adam_kernels._SRC, "s0 = s0 + t0; s1 = s1 + t1; s2 = s2 + t2; s3 = s3 + t3; s4 = s4 + t4;"),
-            "MADA": (mada_kernels._MADA_SRC, "for (int j = 0; j < NS; ++j) s[j] = s[j] + t[j];")}
+    # the sums-only and update-only twins (the one-pass source without its update, or without
+    # its sums: the compiler then drops the hyper-gradient's arithmetic too); MADA's make the
+    # sums of the names learned
+    need = mada_kernels._need(made["MADA"](R.params(64, "cpu", n_tensors=1)).learned, False)
+    twins = {"Adam": (adam_kernels._SUMS_SRC, adam_kernels._UPDATE_SRC),
+             "MADA": (mada_kernels._source(mada_kernels._MADA_SUMS_SRC, need),
+                      mada_kernels._source(mada_kernels._MADA_UPDATE_SRC, 0))}
     args = {"Adam": adam_kernels._ADAM_ARGS, "MADA": mada_kernels._MADA_ARGS}
     for n in sizes:
         fns = {}
         keep = []
         for name in ("Adam", "MADA"):
             opt, kernel, rest = captured(made[name], n, mod[name])
-            sums = adam_kernels._load(twins[name], args[name])
-            src, line = dead[name]
-            assert line in src
-            update = adam_kernels._load(src.replace(line, ""), args[name])
+            sums, update = (adam_kernels._load(src, args[name]) for src in twins[name])
             keep.append(opt)
             fns[f"{name} one-pass kernel"] = lambda k=kernel, r=rest: adam_kernels._sweep(k, *r)
             fns[f"{name} sums-only kernel"] = lambda k=sums, r=rest: adam_kernels._sweep(k, *r)

@@ -214,17 +214,20 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
     float *m = G.at<float>(j, 2), *v = G.at<float>(j, 3), *gs = G.at<float>(j, 4);
     const int64_t lo = (b - G.first[j]) * B, hi = std::min(n, lo + B);
     V s0(0.f), s1(0.f), s2(0.f), s3(0.f), s4(0.f);
-    for (int64_t i = lo; i < hi; i += L) {
-      const int64_t k = std::min(L, hi - i);
+    // the loop's body, inlined twice: for whole vectors (k = L, so that the compiler drops every
+    // test of k) and for the last, partial vector of a block
+    auto body = [&](const int64_t i, const int64_t k) __attribute__((always_inline)) {
       const V gt = V::loadu(g + i, k) ^ sgx;
       const V mi = V::loadu(m + i, k), vi = V::loadu(v + i, k), gp = V::loadu(gs + i, k);
       const V pi = LOAD_P;
       // the hyper-gradient of the last update (Adam.hyper_apply), in five sums whose scalar
-      // factors (ib1, k1, ib2, k2, sa) AdamOnePass applies afterwards (fewer multiplications).
-      // This step's square root and division are issued among the first operations: with them
-      // after the sums, the operations that wait on the two square roots and divisions filled
-      // the FP scheduler (llvm-mca -mcpu=znver3) and the loop ran 5-8 % slower in cache
-      // (benchmarks/kernels.py). The marked parts: what the sums-only and update-only twins drop
+      // factors (ib1, k1, ib2, k2, sa) AdamOnePass applies afterwards (fewer multiplications),
+      // each added by a fused multiply-add where it ends in a product (the update's arithmetic
+      // is torch's, unfused). This step's square root and division are issued among the first
+      // operations: with them after the sums, the operations that wait on the two square roots
+      // and divisions filled the FP scheduler (llvm-mca -mcpu=znver3) and the loop ran 5-8 %
+      // slower in cache (benchmarks/kernels.py). The marked parts: what the sums-only and
+      // update-only twins drop
       // <sums>
       const V r = vi.sqrt();
       // </sums>
@@ -233,7 +236,7 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
       const V sv2 = v2.sqrt();
       // </update>
       // <sums>
-      const V d = r * isb2 + eps0;
+      const V d = at::vec::fmadd(r, isb2, eps0);
       const V pos = r > zero;
       const V q = one / V::blendv(one, r * d, pos);
       // </sums>
@@ -244,19 +247,23 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
       // <sums>
       const V inv_d = V::blendv(ieps, r * q, pos);  // 1 / d
       const V ir = V::blendv(zero, d * q, pos);     // 1 / r, 0 where v = 0
-      const V A = gt * inv_d;
+      V A = gt * inv_d;
       V t0 = A * mi;                                // g_t m / d
-      V t1 = A * gp;                                // g_t g_s / d
-      const V E = t0 * inv_d;
-      V t2 = E * r;                                 // g_t m v / (d^2 r)
-      V t3 = E * ir * gp * gp;                      // g_t m g_s^2 / (d^2 r)
-      V t4 = dec ? gt * pi : zero;                  // g_t x
-      if (k < L) {
+      V E = t0 * inv_d;
+      // the sums: t0, A g_s (g_t g_s / d), E r (g_t m v / (d^2 r)), F g_s^2 (g_t m g_s^2 /
+      // (d^2 r)), gx x (g_t x)
+      V gq = gp, F = E * ir, gg = gp * gp, gx = gt;
+      if (k < L) {  // the lanes past the end: zeros, whose products can be 0 * inf where eps = 0
         const V in = lanes(k);
-        t0 = V::blendv(zero, t0, in); t1 = V::blendv(zero, t1, in); t2 = V::blendv(zero, t2, in);
-        t3 = V::blendv(zero, t3, in); t4 = V::blendv(zero, t4, in);
+        t0 = V::blendv(zero, t0, in); A = V::blendv(zero, A, in); gq = V::blendv(zero, gq, in);
+        E = V::blendv(zero, E, in); F = V::blendv(zero, F, in); gg = V::blendv(zero, gg, in);
+        gx = V::blendv(zero, gx, in);
       }
-      s0 = s0 + t0; s1 = s1 + t1; s2 = s2 + t2; s3 = s3 + t3; s4 = s4 + t4;
+      s0 = s0 + t0;
+      s1 = at::vec::fmadd(A, gq, s1);
+      s2 = at::vec::fmadd(E, r, s2);
+      s3 = at::vec::fmadd(F, gg, s3);
+      if (dec) s4 = at::vec::fmadd(gx, pi, s4);
       // </sums>
       // <update> this step's update (Adam.apply), with m2, v2 and m2 / den from above
       const V p1 = dec ? pi * decay : pi;
@@ -265,7 +272,10 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
       v2.store(v + i, k);
       gt.store(gs + i, k);
       // </update>
-    }
+    };
+    int64_t i = lo;
+    for (; i + L <= hi; i += L) body(i, L);
+    if (i < hi) body(i, hi - i);
     S0 += vsum(s0); S1 += vsum(s1); S2 += vsum(s2); S3 += vsum(s3); S4 += vsum(s4);
   }
   }

@@ -136,9 +136,13 @@ _ALL_MADA = ["beta1", "beta2", "beta3", "c", "rho", "gamma", "lr", "eps", "weigh
     dict(cls=MADA, variant="reference", beta3=0.3, c=0.7, rho=0.6, gamma=0.8),
     dict(cls=MADA, maximize=True, beta1=0.3, beta3=0.6),
     dict(cls=MADA, weight_decay=0.1, beta3=0.4, gamma=0.7, c=0.3, learn=_ALL_MADA),
-    dict(cls=MADA, variant="reference", c=0.2, rho=0.3, learn=_ALL_MADA)],
+    dict(cls=MADA, variant="reference", c=0.2, rho=0.3, learn=_ALL_MADA),
+    # the kernel makes only the sums the learned names use (parameterized/_onepass.py, _need)
+    dict(cls=MADA, beta3=0.5, c=0.5, rho=0.5, gamma=0.5, learn=["lr", "eps"]),
+    dict(cls=MADA, beta3=0.5, c=0.5, rho=0.5, gamma=0.5, weight_decay=0.1, learn=["lr", "beta3"])],
     ids=["adam", "adamw", "maximize", "lerp-high", "eps0", "mada", "mada-mixed-wd", "mada-reference",
-         "mada-maximize-lerp-high", "mada-all-names", "mada-reference-all-names"])
+         "mada-maximize-lerp-high", "mada-all-names", "mada-reference-all-names", "mada-lr-eps",
+         "mada-wd-lr-beta3"])
 def test_kernel_agrees_with_eager(kw, threads, one_pass):
     """The hand-written kernels (float32, CPU) compute what the eager path computes: the
     parameters, the hyper-gradients of every name they cover, the hyperparameters after the
