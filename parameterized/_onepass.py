@@ -206,16 +206,27 @@ class MadaOnePass:
         return MadaOnePass._kernel(params, grads, states, hc, None, opts, names, memo)
 
     @staticmethod
-    def _kernel(params, grads, states, hc: dict, c: dict | None, opts: dict, names, memo=None,
+    def update(params, grads, states, c: dict, opts: dict, memo=None) -> None:
+        """This step's update in place (the scalars ``c`` as floats), with what the closed form
+        saves for the next hyper-gradient: the one-pass kernel without its sums (the paper's
+        order, after the hyper-step)."""
+        MadaOnePass._kernel(params, grads, states, None, c, opts, (), memo)
+
+    @staticmethod
+    def _kernel(params, grads, states, hc: dict | None, c: dict | None, opts: dict, names, memo=None,
                 check=False) -> dict | None:
-        f = hc  # the last update's scalars; c: this one's (floats), None for the sums only
+        f = hc  # the last update's scalars (None: the update only); c: this one's (floats), None for the sums only
         ref, dec = bool(opts["reference"]), bool(opts["wd"])
-        ibc3, k3 = (1.0, 0.0) if ref else (f["ibc3"], f["k3"])
-        # the weight of v in v_hat (running mean included), over the bias correction
-        mix = (f["rho"] if ref else f["rho"] + f["wrho"] * f["it"]) * f["ibc2"]
-        consts = [f["b3"], f["iw3"], f["ib1"] + f["k1"], f["w1"] * f["ib1"] + 1.0, f["c"], f["wc"], f["w2"],
-                  f["iv0"], 1.0 - f["wc"], f["ibc1"], f["b3"] * ibc3, f["rho"] * f["ibc2"], f["wrho"] * f["ibc2"],
-                  f["eps"], f["ieps"], mix, f["k2"], ibc3 * (1.0 + f["b3"] * k3), f["b3"] * ibc3] + [0.0] * 5
+        if f is None:
+            consts = [0.0] * 24
+        else:
+            ibc3, k3 = (1.0, 0.0) if ref else (f["ibc3"], f["k3"])
+            # the weight of v in v_hat (running mean included), over the bias correction
+            mix = (f["rho"] if ref else f["rho"] + f["wrho"] * f["it"]) * f["ibc2"]
+            consts = [f["b3"], f["iw3"], f["ib1"] + f["k1"], f["w1"] * f["ib1"] + 1.0, f["c"], f["wc"], f["w2"],
+                      f["iv0"], 1.0 - f["wc"], f["ibc1"], f["b3"] * ibc3, f["rho"] * f["ibc2"],
+                      f["wrho"] * f["ibc2"], f["eps"], f["ieps"], mix, f["k2"], ibc3 * (1.0 + f["b3"] * k3),
+                      f["b3"] * ibc3] + [0.0] * 5
         if c is not None:
             e = c
             consts += [e["b3"], e["w3"], e["c"], e["wc"], e["w1"], e["b2"], e["w2"], e["it"], e["tm1"], e["rho"],
@@ -226,10 +237,11 @@ class MadaOnePass:
             consts += [0.0] * 23
             flags = int(dec) | (2 if ref else 0)
         consts.append(-1.0 if opts.get("maximize") else 1.0)
-        src = _source(_MADA_SRC if c is not None else _MADA_SUMS_SRC, _need(names, dec))
+        src = _source(_MADA_SUMS_SRC if c is None else _MADA_SRC if f is not None else _MADA_UPDATE_SRC,
+                      _need(names, dec))
         s = _sweep(_load(src, _MADA_ARGS), params, grads, states,
                    _MADA_KEYS + _MADA_BYTES, consts, flags, 10, memo, check)
-        if s is None:
+        if s is None or f is None:
             return None
         # the sums: 0 g adam, 1 g lion, 2 g x, 3 beta1's, 4 beta2's, 5 and 6 beta3's two terms, 7 c's,
         # 8 rho's, 9 eps's (kernel comments); with lr gamma g_t d adam / d v_hat = -e / 2

@@ -570,6 +570,30 @@ def test_paper_order_update_kernel_is_torch_adamw(kw):
         AdamOnePass.update = orig
 
 
+@pytest.mark.parametrize("kw", [dict(weight_decay=0.0), dict(weight_decay=0.1), dict(weight_decay=0.0, maximize=True)],
+                         ids=["adam", "adamw", "maximize"])
+def test_paper_order_mada_update_kernel_is_torch_adamw(kw):
+    """MADA's paper-order update on float32 CPU tensors is its one-pass kernel without the sums
+    (``MadaOnePass.update``): at Adam's corner with hyper-lr 0 its steps are torch's AdamW steps,
+    and the hyper-gradients it leaves to the next step agree with the eager path's."""
+    from parameterized._onepass import MadaOnePass
+    calls = []
+    orig = MadaOnePass.update
+    MadaOnePass.update = staticmethod(lambda *a, **k: calls.append(1) or orig(*a, **k))
+    try:
+        runs = []
+        for compile in (False, True):
+            _, opt = _as_torch_adamw(lambda ps: MADA(ps, lr=1e-2, beta1=0.9, beta2=0.95, hyper=hg.SGD(lr=0.0),
+                                                     compile=compile, **kw), 8, betas=(0.9, 0.95), **kw)
+            runs.append(opt)
+        assert len(calls) >= 5  # compile=True: the kernel made the steps from the third on
+        for n in runs[0].learned:  # (gamma's is a difference of two float32 sums that cancel to 1e-1)
+            assert float(runs[1].hypergradients()[n]) == pytest.approx(float(runs[0].hypergradients()[n]),
+                                                                      rel=1e-4, abs=1e-4), n
+    finally:
+        MadaOnePass.update = orig
+
+
 @pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "paper-order"])
 def test_kernels_follow_a_state_tensor_given_other_storage(one_pass):
     """A state tensor that keeps its object but gets other storage (``.data =``, ``set_``,
