@@ -27,14 +27,17 @@ loop where each operation added costs about a cycle (6 % of the kernel's time at
 The price: ``S2`` subtracts two sums where the closed form
 subtracts per element, so where ``v`` and ``g_s^2`` nearly cancel everywhere its float32
 rounding grows (a review measured 2.1e-6 relative against 7e-7, 200k elements with
-``v = g_s^2``), still at the level of float32 sums. Float32 lanes sum blocks of 4096 elements;
-blocks add up in float64. Built with inductor's C++ toolchain (the one ``compile=True`` uses) on
-first use.
+``v = g_s^2``), still at the level of float32 sums. The sums end in fused multiply-adds (the
+update's arithmetic is torch's, unfused: with hyper-lr 0 the step is torch's AdamW step). Float32
+lanes sum blocks of 4096 elements; blocks add up in float64. The loop runs over whole vectors,
+with the last, partial vector of a block apart (one body inlined twice), so that no test of the
+vector's length is left in it. Built with inductor's C++ toolchain (the one ``compile=True``
+uses) on first use.
 
 Each one-pass kernel has a sums-only twin (``_variants``: the same loop without its update),
 which the paper's order runs before its update (inductor's CPU reductions ran at a third of
-memory speed on AVX2), and Adam's an update-only twin, which makes that update (``AdamOnePass.update``:
-inductor's update call checks every input's size and stride). The module also holds the
+memory speed on AVX2), and an update-only twin, which makes that update (``AdamOnePass.update``,
+``MadaOnePass.update``: inductor's update call checks every input's size and stride). The module also holds the
 finiteness check of the gradients (``finite_all``, which the one-pass kernels also run first
 under ``skip_nonfinite``) and the step counters' increment (``advance_steps``).
 """

@@ -1,13 +1,22 @@
 """MADA's one-pass kernel: with ``one_pass=True`` on float32 CPU tensors, the hyper-gradient of
 the last update (``MADA.hyper_apply``) and this step's update (``MADA.apply``) in one loop, as
 ``hypergrad/_onepass.py`` does for the Adam family (whose prelude, loader and sweep it uses).
+Its twins: the sums only (the paper's order's hyper-gradient pass) and the update only (the
+paper's order's update, ``MadaOnePass.update``).
 
 The kernel reads ``p, g`` and the state ``m, v, n, v_mean, m_lion, g_prev``, ``n_{s-1}`` and the
-two sign bytes the closed form saved, and writes all of them back (17 float passes and 4 byte passes, against a fused AdamW step's 7).
-Its ten sums and the scalars taken out of them are in its C++ comments and ``MadaOnePass.run``.
-Scalar divisions of the update (by ``t`` and the bias corrections) are multiplications by
-reciprocals here, so the kernel's parameters can differ from the eager path's in the last bit;
-the sign decisions (Yogi's, Lion's) do not involve them.
+two sign bytes the closed form saved, and writes all of them back (17 float passes and 4 byte
+passes, against a fused AdamW step's 7). Its ten sums and the scalars taken out of them are in
+its C++ comments and ``MadaOnePass._kernel``; it makes only those the learned names use (``_need``:
+a compile-time mask, one build per set of names).
+
+Where the kernel's arithmetic differs from the eager path's: scalar divisions of the update (by
+``t`` and the bias corrections) are multiplications by reciprocals, and what feeds no sign
+decision is computed with fused multiply-adds (the running mean, ``v_hat``, the direction, the
+parameter's update, the hyper-gradient's terms), so the parameters can differ from the eager
+path's in the last bit. What a sign decision (Yogi's, Lion's) reads, now or at a later step
+through the state (``g_hat``, ``g2``, ``v``, Lion's momentum and ``u``; ``m`` and ``n`` by
+ATen's lerp), is computed as the eager path computes it, bit for bit.
 """
 
 from __future__ import annotations
