@@ -484,6 +484,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             raise ValueError(f"hypergrad_clip must be a positive number or None, got {clip!r}")
         self._hg_clip = None if clip is None else float(clip)
         self._hg_t = 0
+        self._hg_step_id = 0  # counts every step() (_hg_t also goes back where a step is skipped)
         backend = hg.get("backend") or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -1481,8 +1482,18 @@ class HyperOptimizer(torch.optim.Optimizer):
                     return None
             states.append(st)
             grads.append(p.grad)
-        if not fn.applies(params, grads, states, self._hg_onepass_memo.setdefault(gi, {})):
+        memo = self._hg_onepass_memo.setdefault(gi, {})
+        # the paper's order asks twice in a step (its sums kernel, its update kernel), and nothing
+        # touches the group in between: the second time, where the same gradients passed the
+        # kernel's check in this step, the check is not made again (ids only: the memo keeps no
+        # reference to a gradient)
+        seen = (self._hg_step_id, tuple(map(id, grads)))
+        if memo.get("passed") == seen:
+            return params, grads, states
+        memo.pop("passed", None)
+        if not fn.applies(params, grads, states, memo):
             return None
+        memo["passed"] = seen
         return params, grads, states
 
     def _hg_kernel_inputs(self, gi, names, fn):
@@ -1774,6 +1785,7 @@ def drive(bottom, closure=None):
     levels = bottom.levels
     for lvl in levels:
         lvl._hg_t += 1
+        lvl._hg_step_id += 1
         lvl._hg_sync()
     if getattr(bottom, "_hg_one_pass", False):  # (a wrapped torch optimizer has no such option)
         return _drive_one_pass(bottom, levels, loss)

@@ -360,6 +360,31 @@ def test_finiteness_check_uses_the_kernel_where_compiled():
         _onepass.all_finite = orig
 
 
+def test_paper_order_checks_its_group_once_a_step(monkeypatch):
+    """In the paper's order the sums kernel and the update kernel both take the group; the
+    kernel's check of the tensors runs once a step (the second asks with the same gradients in
+    the same step), and again at every step."""
+    from hypergrad._onepass import AdamOnePass
+    seen = {"applies": 0, "update": 0}
+    applies, update = AdamOnePass.applies, AdamOnePass.update
+
+    def count(key, fn):
+        return staticmethod(lambda *a, **k: seen.__setitem__(key, seen[key] + 1) or fn(*a, **k))
+    monkeypatch.setattr(AdamOnePass, "applies", count("applies", applies))
+    monkeypatch.setattr(AdamOnePass, "update", count("update", update))
+    params = _model()
+    opt = hg.Adam(params, lr=1e-2, hyper=hg.SGD(lr=1e-4), compile=True)
+    for t in range(3):
+        _grads(params, t)
+        opt.step()
+    seen.update(applies=0, update=0)
+    for t in range(3, 9):
+        _grads(params, t)
+        opt.step()
+        assert opt._hg_summed == {0}
+    assert seen == {"applies": 6, "update": 6}, seen
+
+
 def test_kernel_check_follows_tensors_that_change():
     """The kernel's check of its tensors reuses what it found for the parameters and the state
     while they are the same objects on the same storage, and checks the gradients every step: a
