@@ -1785,7 +1785,7 @@ def drive(bottom, closure=None):
     levels = bottom.levels
     for lvl in levels:
         lvl._hg_t += 1
-        lvl._hg_step_id += 1
+        lvl._hg_step_id = getattr(lvl, "_hg_step_id", 0) + 1  # (an optimizer pickled before it existed)
         lvl._hg_sync()
     if getattr(bottom, "_hg_one_pass", False):  # (a wrapped torch optimizer has no such option)
         return _drive_one_pass(bottom, levels, loss)

@@ -133,6 +133,7 @@ class WrappedOptimizer:
         self.hyper_steps_skipped = 0
         self.steps_skipped = 0
         self._hg_t = 0
+        self._hg_step_id = 0
         self._hg_clip = None
         self._hg_shard_group = None
         self._hg_skip_nonfinite = True

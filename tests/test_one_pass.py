@@ -139,10 +139,11 @@ _ALL_MADA = ["beta1", "beta2", "beta3", "c", "rho", "gamma", "lr", "eps", "weigh
     dict(cls=MADA, variant="reference", c=0.2, rho=0.3, learn=_ALL_MADA),
     # the kernel makes only the sums the learned names use (parameterized/_onepass.py, _need)
     dict(cls=MADA, beta3=0.5, c=0.5, rho=0.5, gamma=0.5, learn=["lr", "eps"]),
-    dict(cls=MADA, beta3=0.5, c=0.5, rho=0.5, gamma=0.5, weight_decay=0.1, learn=["lr", "beta3"])],
+    dict(cls=MADA, beta3=0.5, c=0.5, rho=0.5, gamma=0.5, weight_decay=0.1, learn=["lr", "beta3"]),
+    dict(cls=MADA, beta3=0.5, c=0.5, rho=0.5, gamma=0.5, weight_decay=0.1, learn=["weight_decay"])],
     ids=["adam", "adamw", "maximize", "lerp-high", "eps0", "mada", "mada-mixed-wd", "mada-reference",
          "mada-maximize-lerp-high", "mada-all-names", "mada-reference-all-names", "mada-lr-eps",
-         "mada-wd-lr-beta3"])
+         "mada-wd-lr-beta3", "mada-wd-alone"])
 def test_kernel_agrees_with_eager(kw, threads, one_pass):
     """The hand-written kernels (float32, CPU) compute what the eager path computes: the
     parameters, the hyper-gradients of every name they cover, the hyperparameters after the
@@ -175,6 +176,46 @@ def test_kernel_agrees_with_eager(kw, threads, one_pass):
             assert a != 0, n
         for a, b in zip(pe, pf):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("one_pass,threads", [(True, 1), (True, 2), (False, 1), (False, 2)],
+                         ids=["one-pass-1", "one-pass-2", "paper-order-1", "paper-order-2"])
+@pytest.mark.parametrize("kw", [dict(beta3=0.5, c=0.5, rho=0.5, gamma=0.5, weight_decay=0.1),
+                                dict(variant="reference", beta3=0.3, c=0.2, rho=0.6, gamma=0.8),
+                                dict(maximize=True, beta1=0.3, beta3=0.6, c=0.3, gamma=0.4),
+                                dict(c=0.0, gamma=0.5, beta3=0.7)],
+                         ids=["corners-wd", "reference", "maximize-lerp-high", "yogi"])
+def test_mada_kernels_keep_the_sign_decisions_of_the_eager_path(kw, one_pass, threads):
+    """What a sign decision of MADA reads, at this step or a later one through the state
+    (Yogi's and Lion's), the kernels compute as the eager path does, bit for bit; only the
+    running mean and the parameters may differ in the last bit (reciprocals, fused
+    multiply-adds). With hyper-lr 0 and gradients that do not depend on the parameters, both
+    paths see the same inputs at every step, so their states must be equal."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = []
+        for compile in (False, True):
+            params = _model()
+            opt = MADA(params, lr=1e-2, hyper=hg.SGD(lr=0.0), one_pass=one_pass, compile=compile, **kw)
+            used = []
+            for t in range(10):
+                g = torch.Generator().manual_seed(100 + t)
+                for p in params:  # (large and small steps in turn: Yogi's sign changes)
+                    p.grad = torch.randn(p.shape, generator=g) * (1e-2 if t % 2 else 1.0)
+                opt.step()
+                used.append(bool(opt._hg_fused if one_pass else opt._hg_summed))
+            runs.append((params, opt, used))
+        (pe, oe, _), (pk, ok, used) = runs
+        assert all(used[2:]), used
+        keys = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "lion_exp_avg", "previous_grad", "hg_n", "hg_ysign",
+                "hg_sign", "step")
+        for a, b in zip(pe, pk):
+            for k in keys:
+                assert torch.equal(oe.state[a][k], ok.state[b][k]), (k, tuple(a.shape))
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
     finally:
         torch.set_num_threads(old)
 
@@ -360,20 +401,21 @@ def test_finiteness_check_uses_the_kernel_where_compiled():
         _onepass.all_finite = orig
 
 
-def test_paper_order_checks_its_group_once_a_step(monkeypatch):
+@pytest.mark.parametrize("cls", [hg.Adam, MADA], ids=["adam", "mada"])
+def test_paper_order_checks_its_group_once_a_step(cls, monkeypatch):
     """In the paper's order the sums kernel and the update kernel both take the group; the
     kernel's check of the tensors runs once a step (the second asks with the same gradients in
     the same step), and again at every step."""
-    from hypergrad._onepass import AdamOnePass
+    kernel = cls.one_pass_kernel
     seen = {"applies": 0, "update": 0}
-    applies, update = AdamOnePass.applies, AdamOnePass.update
+    applies, update = kernel.applies, kernel.update
 
     def count(key, fn):
         return staticmethod(lambda *a, **k: seen.__setitem__(key, seen[key] + 1) or fn(*a, **k))
-    monkeypatch.setattr(AdamOnePass, "applies", count("applies", applies))
-    monkeypatch.setattr(AdamOnePass, "update", count("update", update))
+    monkeypatch.setattr(kernel, "applies", count("applies", applies))
+    monkeypatch.setattr(kernel, "update", count("update", update))
     params = _model()
-    opt = hg.Adam(params, lr=1e-2, hyper=hg.SGD(lr=1e-4), compile=True)
+    opt = cls(params, lr=1e-2, hyper=hg.SGD(lr=1e-4), compile=True)
     for t in range(3):
         _grads(params, t)
         opt.step()
