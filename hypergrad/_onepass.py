@@ -36,10 +36,11 @@ uses) on first use.
 
 Each one-pass kernel has a sums-only twin (``_variants``: the same loop without its update),
 which the paper's order runs before its update (inductor's CPU reductions ran at a third of
-memory speed on AVX2), and an update-only twin, which makes that update (``AdamOnePass.update``,
-``MadaOnePass.update``: inductor's update call checks every input's size and stride). The module also holds the
-finiteness check of the gradients (``finite_all``, which the one-pass kernels also run first
-under ``skip_nonfinite``) and the step counters' increment (``advance_steps``).
+memory speed on AVX2), and an update-only twin, which makes that update
+(``AdamOnePass.update``, ``MadaOnePass.update``: inductor's update call checks every input's
+size and stride). The module also holds the finiteness check of the gradients (``finite_all``,
+which the one-pass kernels also run first under ``skip_nonfinite``) and the step counters'
+increment (``advance_steps``).
 """
 
 from __future__ import annotations
