@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py                 # kernels at 262,144 (in cache) and 10M elements
     python benchmarks/kernels.py --fixed         # whole steps at 8,192 parameters (the fixed cost)
+    python benchmarks/kernels.py --levels        # a 3-level step's fixed cost, level by level
     python benchmarks/kernels.py --sizes 1e6 --threads 2
 
 Two questions that benchmarks/run.py's ratios leave open: whether a kernel is bound by memory
@@ -118,15 +119,36 @@ def fixed(n, rounds):
         print(f"  {k:<40} {v * 1e3:7.3f}")
 
 
+def levels(n, rounds):
+    """Where a 3-level one-pass step's fixed cost goes: each level's hyper-gradient and update
+    called alone (they read and write only their own tensors), against the whole step."""
+    opt = R.stack3(True, one_pass=True)(R.params(n, "cpu"))
+    for _ in range(30):
+        opt.step()
+    bottom, mid, top = opt.levels
+    fns = {"whole step": opt.step, "level 2: hyper-gradient": mid._hg_hypergrad,
+           "level 2: update (eager, 3 scalars)": mid._hg_update, "level 3: update (1 scalar)": top._hg_update,
+           "syncs of the three levels": lambda: (bottom._hg_sync(), mid._hg_sync(), top._hg_sync()),
+           "refreshes of levels 1 and 2": lambda: (bottom._hg_refresh(), mid._hg_refresh())}
+    t = best(fns, rounds, 200)
+    print(f"\n3-level one-pass stack, {n:,} parameters in 8 tensors, {torch.get_num_threads()} thread(s): us "
+          f"(minimum of {rounds} rounds of 200)")
+    for k, v in t.items():
+        print(f"  {k:<40} {v * 1e6:7.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fixed", action="store_true", help="whole steps at --sizes (default 8192)")
+    ap.add_argument("--levels", action="store_true", help="a 3-level step's fixed cost by level (8192)")
     ap.add_argument("--sizes", nargs="*", type=float)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=9)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if a.fixed:
+    if a.levels:
+        levels(int((a.sizes or [8192])[0]), max(a.rounds, 15))
+    elif a.fixed:
         for n in a.sizes or [8192]:
             fixed(int(n), max(a.rounds, 15))
     else:
