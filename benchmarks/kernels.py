@@ -74,17 +74,17 @@ def kernels(sizes, rounds):
     # the sums-only and update-only twins (the one-pass source without its update, or without
     # its sums: the compiler then drops the hyper-gradient's arithmetic too); MADA's make the
     # sums of the names learned
-    need = mada_kernels._need(made["MADA"](R.params(64, "cpu", n_tensors=1)).learned, False)
-    twins = {"Adam": (adam_kernels._SUMS_SRC, adam_kernels._UPDATE_SRC),
-             "MADA": (mada_kernels._source(mada_kernels._MADA_SUMS_SRC, need),
-                      mada_kernels._source(mada_kernels._MADA_UPDATE_SRC, 0))}
+    twins = {"Adam": lambda opt: (adam_kernels._SUMS_SRC, adam_kernels._UPDATE_SRC),
+             "MADA": lambda opt: (mada_kernels._source(mada_kernels._MADA_SUMS_SRC,
+                                                       mada_kernels._need(opt.learned, False)),
+                                  mada_kernels._source(mada_kernels._MADA_UPDATE_SRC, 0))}
     args = {"Adam": adam_kernels._ADAM_ARGS, "MADA": mada_kernels._MADA_ARGS}
     for n in sizes:
         fns = {}
         keep = []
         for name in ("Adam", "MADA"):
             opt, kernel, rest = captured(made[name], n, mod[name])
-            sums, update = (adam_kernels._load(src, args[name]) for src in twins[name])
+            sums, update = (adam_kernels._load(src, args[name]) for src in twins[name](opt))
             keep.append(opt)
             fns[f"{name} one-pass kernel"] = lambda k=kernel, r=rest: adam_kernels._sweep(k, *r)
             fns[f"{name} sums-only kernel"] = lambda k=sums, r=rest: adam_kernels._sweep(k, *r)

@@ -152,30 +152,38 @@ def test_kernel_agrees_with_eager(kw, threads, one_pass):
     that no term vanishes; learning eps lets the projection put it at 0, where 1/eps is inf.)"""
     kw = dict(kw)
     cls = kw.pop("cls")
+    (pe, oe, fe), (pf, of, ff) = _eager_and_kernel(
+        lambda ps, compile: cls(ps, lr=1e-2, hyper=hg.SGD(lr=1e-9), one_pass=one_pass, compile=compile, **kw),
+        one_pass, threads, 12, _grads)
+    assert not any(fe) and all(ff[2:]), (fe, ff)  # the kernel ran from the third step on
+    for n, v in oe.hyperparameters().items():
+        assert float(of.hyperparameters()[n]) == pytest.approx(float(v), rel=1e-5), n
+    for n in oe.learned:
+        a, b = float(oe.hypergradients()[n]), float(of.hypergradients()[n])
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-9), n
+        assert a != 0, n
+    for a, b in zip(pe, pf):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def _eager_and_kernel(make, one_pass, threads, steps, grads):
+    """``make(params, compile)`` run with ``compile=False`` (the eager path) and ``compile=True``
+    (the kernels) on ``grads(params, t)`` for ``steps`` steps at ``threads`` threads: for each,
+    the parameters, the optimizer and, per step, whether a hand-written kernel made it."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         runs = []
         for compile in (False, True):
             params = _model()
-            opt = cls(params, lr=1e-2, hyper=hg.SGD(lr=1e-9), one_pass=one_pass,
-                      compile=compile, **kw)
-            fused = []
-            for t in range(12):
-                _grads(params, t)
+            opt = make(params, compile)
+            used = []
+            for t in range(steps):
+                grads(params, t)
                 opt.step()
-                fused.append(bool(opt._hg_fused if one_pass else opt._hg_summed))
-            runs.append((params, opt, fused))
-        (pe, oe, fe), (pf, of, ff) = runs
-        assert not any(fe) and all(ff[2:]), (fe, ff)  # the kernel ran from the third step on
-        for n, v in oe.hyperparameters().items():
-            assert float(of.hyperparameters()[n]) == pytest.approx(float(v), rel=1e-5), n
-        for n in oe.learned:
-            a, b = float(oe.hypergradients()[n]), float(of.hypergradients()[n])
-            assert b == pytest.approx(a, rel=1e-4, abs=1e-9), n
-            assert a != 0, n
-        for a, b in zip(pe, pf):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+                used.append(bool(opt._hg_fused if one_pass else opt._hg_summed))
+            runs.append((params, opt, used))
+        return runs
     finally:
         torch.set_num_threads(old)
 
@@ -193,31 +201,20 @@ def test_mada_kernels_keep_the_sign_decisions_of_the_eager_path(kw, one_pass, th
     running mean and the parameters may differ in the last bit (reciprocals, fused
     multiply-adds). With hyper-lr 0 and gradients that do not depend on the parameters, both
     paths see the same inputs at every step, so their states must be equal."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        runs = []
-        for compile in (False, True):
-            params = _model()
-            opt = MADA(params, lr=1e-2, hyper=hg.SGD(lr=0.0), one_pass=one_pass, compile=compile, **kw)
-            used = []
-            for t in range(10):
-                g = torch.Generator().manual_seed(100 + t)
-                for p in params:  # (large and small steps in turn: Yogi's sign changes)
-                    p.grad = torch.randn(p.shape, generator=g) * (1e-2 if t % 2 else 1.0)
-                opt.step()
-                used.append(bool(opt._hg_fused if one_pass else opt._hg_summed))
-            runs.append((params, opt, used))
-        (pe, oe, _), (pk, ok, used) = runs
-        assert all(used[2:]), used
-        keys = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "lion_exp_avg", "previous_grad", "hg_n", "hg_ysign",
-                "hg_sign", "step")
-        for a, b in zip(pe, pk):
-            for k in keys:
-                assert torch.equal(oe.state[a][k], ok.state[b][k]), (k, tuple(a.shape))
-            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
-    finally:
-        torch.set_num_threads(old)
+    def grads(params, t):
+        g = torch.Generator().manual_seed(100 + t)
+        for p in params:  # (large and small steps in turn: Yogi's sign changes)
+            p.grad = torch.randn(p.shape, generator=g) * (1e-2 if t % 2 else 1.0)
+    (pe, oe, _), (pk, ok, used) = _eager_and_kernel(
+        lambda ps, compile: MADA(ps, lr=1e-2, hyper=hg.SGD(lr=0.0), one_pass=one_pass, compile=compile, **kw),
+        one_pass, threads, 10, grads)
+    assert all(used[2:]), used
+    keys = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "lion_exp_avg", "previous_grad", "hg_n", "hg_ysign",
+            "hg_sign", "step")
+    for a, b in zip(pe, pk):
+        for k in keys:
+            assert torch.equal(oe.state[a][k], ok.state[b][k]), (k, tuple(a.shape))
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
 def _as_torch_adamw(make, steps, **kw):
@@ -614,51 +611,41 @@ def test_two_groups_or_no_kernel_check_before_the_step():
         assert [float(opt.state[p]["step"]) for p in params] == steps
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(weight_decay=0.1), dict(maximize=True), dict(betas=(0.3, 0.9))],
-                         ids=["adam", "adamw", "maximize", "lerp-high"])
-def test_paper_order_update_kernel_is_torch_adamw(kw):
+def _adam_update(kw):
+    return hg.AdamW, dict(kw), dict(kw), 0.0
+
+
+def _mada_update(kw):  # MADA at Adam's corner (its defaults), beta2 as the reference's
+    return MADA, dict(kw, beta1=0.9, beta2=0.95), dict(kw, betas=(0.9, 0.95)), 1e-4
+
+
+@pytest.mark.parametrize("case", [
+    (_adam_update, dict()), (_adam_update, dict(weight_decay=0.1)), (_adam_update, dict(maximize=True)),
+    (_adam_update, dict(betas=(0.3, 0.9))),
+    (_mada_update, dict(weight_decay=0.0)), (_mada_update, dict(weight_decay=0.1)),
+    (_mada_update, dict(weight_decay=0.0, maximize=True))],
+    ids=["adam", "adamw", "maximize", "lerp-high", "mada-adam", "mada-adamw", "mada-maximize"])
+def test_paper_order_update_kernel_is_torch_adamw(case, monkeypatch):
     """In the paper's order a float32 CPU group is updated by the one-pass kernel without its
-    sums (``AdamOnePass.update``); with hyper-lr 0 that step is torch's AdamW step, and the
-    hyper-gradients it leaves to the next step agree with the eager path's."""
-    from hypergrad._onepass import AdamOnePass
+    sums (``AdamOnePass.update``, ``MadaOnePass.update``); with hyper-lr 0 that step is torch's
+    AdamW step (MADA at Adam's corner), and the hyper-gradients it leaves to the next step agree
+    with the eager path's. (MADA's gamma hyper-gradient is a difference of two float32 sums that
+    cancel to 1e-1: an absolute tolerance.)"""
+    rule, kw = case
+    cls, kw, torch_kw, tol = rule(kw)
+    kernel = cls.one_pass_kernel
     calls = []
-    orig = AdamOnePass.update
-    AdamOnePass.update = staticmethod(lambda *a, **k: calls.append(1) or orig(*a, **k))
-    try:
-        runs = []
-        for compile in (False, True):
-            _, opt = _as_torch_adamw(lambda ps: hg.AdamW(ps, lr=1e-2, hyper=hg.SGD(lr=0.0), compile=compile, **kw),
-                                     8, **kw)
-            runs.append(opt)
-        assert len(calls) >= 5  # compile=True: the kernel made the steps from the third on
-        for n in runs[0].learned:
-            assert float(runs[1].hypergradients()[n]) == pytest.approx(float(runs[0].hypergradients()[n]), rel=1e-4)
-    finally:
-        AdamOnePass.update = orig
-
-
-@pytest.mark.parametrize("kw", [dict(weight_decay=0.0), dict(weight_decay=0.1), dict(weight_decay=0.0, maximize=True)],
-                         ids=["adam", "adamw", "maximize"])
-def test_paper_order_mada_update_kernel_is_torch_adamw(kw):
-    """MADA's paper-order update on float32 CPU tensors is its one-pass kernel without the sums
-    (``MadaOnePass.update``): at Adam's corner with hyper-lr 0 its steps are torch's AdamW steps,
-    and the hyper-gradients it leaves to the next step agree with the eager path's."""
-    from parameterized._onepass import MadaOnePass
-    calls = []
-    orig = MadaOnePass.update
-    MadaOnePass.update = staticmethod(lambda *a, **k: calls.append(1) or orig(*a, **k))
-    try:
-        runs = []
-        for compile in (False, True):
-            _, opt = _as_torch_adamw(lambda ps: MADA(ps, lr=1e-2, beta1=0.9, beta2=0.95, hyper=hg.SGD(lr=0.0),
-                                                     compile=compile, **kw), 8, betas=(0.9, 0.95), **kw)
-            runs.append(opt)
-        assert len(calls) >= 5  # compile=True: the kernel made the steps from the third on
-        for n in runs[0].learned:  # (gamma's is a difference of two float32 sums that cancel to 1e-1)
-            assert float(runs[1].hypergradients()[n]) == pytest.approx(float(runs[0].hypergradients()[n]),
-                                                                      rel=1e-4, abs=1e-4), n
-    finally:
-        MadaOnePass.update = orig
+    orig = kernel.update
+    monkeypatch.setattr(kernel, "update", staticmethod(lambda *a, **k: calls.append(1) or orig(*a, **k)))
+    runs = []
+    for compile in (False, True):
+        _, opt = _as_torch_adamw(lambda ps: cls(ps, lr=1e-2, hyper=hg.SGD(lr=0.0), compile=compile, **kw),
+                                 8, **torch_kw)
+        runs.append(opt)
+    assert len(calls) >= 5  # compile=True: the kernel made the steps from the third on
+    for n in runs[0].learned:
+        assert float(runs[1].hypergradients()[n]) == pytest.approx(float(runs[0].hypergradients()[n]),
+                                                                  rel=1e-4, abs=tol or None), n
 
 
 @pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "paper-order"])
