@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._onepass import AdamOnePass as _AdamOnePass
-from .core import Hyper, HyperOptimizer
+from .core import F32_TINY, Hyper, HyperOptimizer, f32
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "NAdam", "Adan", "Yogi",
            "Lion", "Adafactor", "OPTIMIZERS"]
@@ -206,6 +206,21 @@ class SGD(_HO):
             new["momentum_buffer"] = buf
             g = g + h["momentum"] * buf if o["nesterov"] else buf
         return p - h["lr"] * g, new
+
+    @staticmethod
+    def scalar_update(p: float, g: float, h: dict, o: dict) -> float | None:
+        """``update`` of a one-element float32 parameter without state, in floats: ``p - lr * g``
+        with each operation rounded as float32 (``f32``); None with momentum or weight decay, or
+        where a number is a float32 subnormal (which torch may flush to zero)."""
+        if o["momentum"] or o["wd"]:
+            return None
+        lr = h["lr"]
+        u = f32(lr * g)
+        x = f32(p - u)
+        for v in (p, g, lr, u, x):
+            if 0.0 < abs(v) < F32_TINY:
+                return None
+        return x
 
     @staticmethod
     def hyper_terms(gt, p, s, h, o, names):

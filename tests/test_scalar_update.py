@@ -1,0 +1,171 @@
+"""The hyper levels' scalars stepped in Python floats (``scalar_update``, ``_hg_update_scalars``):
+the same float32 numbers as the tensor operations of the eager path, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import hypergrad as hg
+from hypergrad.core import F32_TINY, HyperOptimizer, f32
+from parameterized import MADA
+
+from helpers import MLP, loss_at
+
+
+def _f32_samples(n, seed):
+    """float32 numbers over the whole exponent range, both signs, with zeros, subnormals and
+    the largest finite values."""
+    g = torch.Generator().manual_seed(seed)
+    mant = torch.rand(n, generator=g, dtype=torch.float64) + 1.0
+    exp = torch.randint(-150, 128, (n,), generator=g).to(torch.float64)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
+    x = (sign * mant * torch.exp2(exp)).to(torch.float32)
+    x[:8] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.4028235e38, -3.4028235e38, 1.0, F32_TINY])
+    return x
+
+
+@pytest.mark.parametrize("op", ["mul", "sub", "add", "div"])
+def test_f32_rounds_as_torch_float32_operations(op):
+    a, b = _f32_samples(4000, 1), _f32_samples(4000, 2)
+    # every sum and difference of close numbers too (cancellation), and products near the edges
+    b[::3] = a[::3] * 1.0001
+    # and pairs whose result overflows or is subnormal
+    edges = {"mul": [(1e20, 1e20), (1e-20, 1e-21)], "div": [(1e30, 1e-10), (1e-30, 1e10)],
+             "add": [(3.4e38, 3.4e38), (1.5 * F32_TINY, -F32_TINY)],
+             "sub": [(3.4e38, -3.4e38), (1.5 * F32_TINY, F32_TINY)]}[op]
+    for i, (x, y) in enumerate(edges):
+        a[10 + i], b[10 + i] = x, y
+    want = getattr(torch, op)(a, b)
+    fn = {"mul": lambda x, y: x * y, "sub": lambda x, y: x - y, "add": lambda x, y: x + y,
+          "div": lambda x, y: x / y if y else math.copysign(math.inf, x) * math.copysign(1.0, y) if x else math.nan}[op]
+    got = torch.tensor([f32(fn(x, y)) for x, y in zip(a.tolist(), b.tolist())], dtype=torch.float32)
+    same = (got == want) | (torch.isnan(got) & torch.isnan(want))
+    assert bool(same.all()), (a[~same][:3], b[~same][:3], got[~same][:3], want[~same][:3])
+    # the sign of zero too
+    z = want == 0
+    assert torch.equal(torch.signbit(got[z]), torch.signbit(want[z]))
+    # and the values reach the overflow and the subnormal range (the test covers both)
+    assert bool(torch.isinf(want).any()) and bool(((want != 0) & (want.abs() < F32_TINY)).any())
+
+
+def test_sgd_scalar_update_is_its_tensor_update():
+    p, g, lr = _f32_samples(3000, 3), _f32_samples(3000, 4), _f32_samples(3000, 5).abs()
+    lr[::2] = lr[::2] * 0 + 1e-3  # learning rates as used, and wild ones
+    o = {"momentum": False, "wd": False, "nesterov": False, "maximize": False}
+    taken = 0
+    for x, y, z in zip(p, g, lr):
+        want, _ = hg.SGD.update(x.reshape(()), y.reshape(()), {}, {"lr": z.reshape(())}, o)
+        got = hg.SGD.scalar_update(float(x), float(y), {"lr": float(z)}, o)
+        if got is None:  # only where a number is a float32 subnormal
+            u = float(z * y)
+            assert any(0 < abs(v) < F32_TINY for v in (float(x), float(y), float(z), u, float(want)))
+            continue
+        taken += 1
+        assert got == float(want) or (math.isnan(got) and math.isnan(float(want))), (x, y, z)
+    assert taken > 2000  # (the wide samples make some products underflow)
+    for opt in ({"momentum": True}, {"wd": True}):
+        assert hg.SGD.scalar_update(1.0, 1.0, {"lr": 0.1}, {**o, **opt}) is None
+
+
+def _stacks():
+    """(name, make(params)) of stacks whose top level (or two) learns nothing: float32 models."""
+    return [
+        ("adam-sgd", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e-3))),
+        ("adam-sgd-one-pass", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e-3), one_pass=True)),
+        ("adam-sgd-maximize-top", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e-4, maximize=True))),
+        # clipped by the projection at almost every step
+        ("adam-sgd-clipped", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e3), reparam=None,
+                                                 bounds={"lr": (1e-4, 2e-2), "beta1": (0.5, 0.95)})),
+        ("sgd-sgd-sgd", lambda ps: hg.SGD(ps, lr=1e-2, momentum=0.9, hyper=hg.SGD(lr=1e-4, hyper=hg.SGD(lr=1e-6)))),
+        ("adam-sgd-sgd-one-pass", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e-3, hyper=hg.SGD(lr=1e-5)),
+                                                      one_pass=True)),
+        ("mada-sgd", lambda ps: MADA(ps, lr=1e-2, hyper=hg.SGD(lr=1e-3))),
+        ("sgd-momentum-top", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e-3, momentum=0.5))),
+    ]
+
+
+def _run(make, steps, fast: bool, monkeypatch):
+    model = MLP(dtype=torch.float32)
+    opt = make(list(model.parameters()))
+    with monkeypatch.context() as m:
+        calls = []
+        if fast:
+            orig = HyperOptimizer._hg_update_scalars
+
+            def counted(self, gi):
+                done = orig(self, gi)
+                calls.append(done)
+                return done
+            m.setattr(HyperOptimizer, "_hg_update_scalars", counted)
+        else:
+            m.setattr(hg.SGD, "scalar_update", None)
+        for t in range(1, steps + 1):
+            opt.zero_grad()
+            loss_at(model, t).backward()
+            opt.step()
+    return model, opt, calls
+
+
+@pytest.mark.parametrize("name,make", _stacks(), ids=[n for n, _ in _stacks()])
+def test_scalar_levels_step_as_the_eager_path(name, make, monkeypatch):
+    ma, oa, calls = _run(make, 12, True, monkeypatch)
+    mb, ob, _ = _run(make, 12, False, monkeypatch)
+    if name == "sgd-momentum-top":  # a state: the eager path
+        assert calls and not any(calls)
+    else:
+        assert sum(calls) >= 9, calls  # (a few steps before the first hyper-gradients reach the top)
+    for a, b in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(a, b)
+    for la, lb in zip(oa.levels, ob.levels):
+        for gi in range(len(la.param_groups)):
+            for (n, va), vb in zip(la.hyperparameters(gi).items(), lb.hyperparameters(gi).values()):
+                assert torch.equal(va, vb), (name, n)
+        assert la.steps_skipped == lb.steps_skipped
+        sa, sb = la.state_dict(), lb.state_dict()
+        assert sa["state"].keys() == sb["state"].keys()
+        for k in sa["state"]:
+            assert sa["state"][k].keys() == sb["state"][k].keys()
+            for key, v in sa["state"][k].items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(v, sb["state"][k][key]), (name, k, key)
+    if name == "adam-sgd-clipped":  # the projection did clip
+        lr = oa.hyperparameters()["lr"]
+        assert float(lr) in (oa.levels[1]._hg_proj[oa._hg_vars[0]["lr"].raw[0]])
+
+
+def test_overflowing_scalar_step_is_not_taken_as_in_the_eager_path(monkeypatch):
+    def make(ps):
+        return hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e30), reparam=None, bounds={"lr": (0.0, 1.0)})
+    ma, oa, calls = _run(make, 4, True, monkeypatch)
+    mb, ob, _ = _run(make, 4, False, monkeypatch)
+    assert any(calls)
+    assert oa.levels[1].steps_skipped == ob.levels[1].steps_skipped > 0
+    for a, b in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(oa.hyperparameters()["lr"], ob.hyperparameters()["lr"])
+
+
+def test_scalar_levels_keep_a_checkpoint_round_trip(monkeypatch):
+    make = dict(_stacks())["adam-sgd-one-pass"]
+    model = MLP(dtype=torch.float32)
+    opt = make(list(model.parameters()))
+    for t in range(1, 5):
+        opt.zero_grad()
+        loss_at(model, t).backward()
+        opt.step()
+    saved_m, saved_o = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    model2 = MLP(dtype=torch.float32)
+    opt2 = make(list(model2.parameters()))
+    model2.load_state_dict(saved_m)
+    opt2.load_state_dict(saved_o)
+    for m, o in ((model, opt), (model2, opt2)):
+        for t in range(5, 9):
+            o.zero_grad()
+            loss_at(m, t).backward()
+            o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
