@@ -486,6 +486,36 @@ def test_kernel_check_sees_a_parameter_replaced_in_place_of_its_storage():
     assert AdamOnePass.applies(params, grads, states, memo)
 
 
+def test_kernel_check_memo_sees_state_tensors_given_other_storage():
+    """With step counters in the states (the memo then reads them too): a state tensor given
+    other storage (``.data``), or a state dict that lost a key, is not taken for what the memo
+    found fit."""
+    from hypergrad._onepass import AdamOnePass
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(300, generator=g), torch.randn(7, 11, generator=g)]
+    states = [{**{k: torch.zeros_like(p) for k in ("exp_avg", "exp_avg_sq", "hg_gprev")},
+               "step": torch.tensor(3.0)} for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    memo = {}
+    assert AdamOnePass.applies(params, grads, states, memo) and "static" in memo
+    assert AdamOnePass.applies(params, grads, states, memo)          # from the memo
+    v = states[1]["exp_avg_sq"]
+    v.data = torch.zeros(5)                                           # same object, too small
+    assert not AdamOnePass.applies(params, grads, states, memo)
+    v.data = torch.zeros(7, 11)
+    assert AdamOnePass.applies(params, grads, states, memo)
+    v.data = states[1]["exp_avg"].data                                # the same memory as another
+    assert not AdamOnePass.applies(params, grads, states, memo)
+    v.data = torch.zeros(7, 11)
+    assert AdamOnePass.applies(params, grads, states, memo)
+    del states[0]["hg_gprev"]
+    assert not AdamOnePass.applies(params, grads, states, memo)
+    states[0]["hg_gprev"] = torch.zeros(300)
+    assert AdamOnePass.applies(params, grads, states, memo)
+    grads[1] = states[1]["exp_avg"].view(7, 11)                        # a gradient over a state tensor
+    assert not AdamOnePass.applies(params, grads, states, memo)
+
+
 def test_kernel_step_counters():
     """The one-pass step advances the step counters through the addresses the kernels' check
     kept (float32 and float64 counters, mixed in a group), as ``torch._foreach_add_`` would; a
