@@ -259,9 +259,9 @@ class HyperVar:
         self.versions = [v._version for v in self.value]
 
     def changed_outside(self, entry) -> bool:
-        if self.scope in ("group", "shared"):
-            if entry is not self.value[0]:
-                return True
+        if self.scope in ("group", "shared"):  # (one tensor)
+            v = self.value[0]
+            return entry is not v or v._version != self.versions[0]
         else:
             if not isinstance(entry, (list, tuple)) or len(entry) != len(self.value) or any(
                 a is not b for a, b in zip(entry, self.value)
@@ -1543,17 +1543,16 @@ class HyperOptimizer(torch.optim.Optimizer):
         params = self.param_groups[gi]["params"]
         if not self._hg_stable.get(gi) or not params or any(len(hv.value) != 1 for hv in vars.values()):
             return None
-        states, grads = [], []
-        for p in params:
-            st = self.state.get(p)
-            if not st or p.grad is None or (self._hg_proj and p in self._hg_proj):
-                return None
-            if recorded:
+        states = list(map(self.state.get, params))
+        grads = [p.grad for p in params]
+        if any(not st for st in states) or any(g is None for g in grads) or \
+                (self._hg_proj and any(p in self._hg_proj for p in params)):
+            return None
+        if recorded:
+            for st in states:
                 rec = st.get(_RECORD)
                 if rec is None or rec["kind"] != "closed" or rec["mask"] is not None:
                     return None
-            states.append(st)
-            grads.append(p.grad)
         memo = self._hg_onepass_memo.setdefault(gi, {})
         # the paper's order asks twice in a step (its sums kernel, its update kernel), and nothing
         # touches the group in between: the second time, where the same gradients passed the
