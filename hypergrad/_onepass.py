@@ -350,7 +350,8 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
             objs = None
         # (the same ids: the same objects, which the weak references keep alive; then their
         # addresses, and the parameters' size, layout and dtype)
-        if objs is None or list(map(id, objs)) != static[0] or list(map(_DATA_PTR, objs)) != static[1] \
+        if objs is None or static[5][0] != allkeys or list(map(id, objs)) != static[0] \
+                or list(map(_DATA_PTR, objs)) != static[1] \
                 or list(map(_NUMEL, params)) != static[9] or not all(map(_CONTIGUOUS, params)) \
                 or any(p.dtype is not f32 for p in params):
             static = None
@@ -372,8 +373,8 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
         # the memo reads the state's tensors and its "step" where every state has a tensor one,
         # the tensors alone where none has one (an optimizer's own state has it)
         steps = [isinstance(st.get("step"), torch.Tensor) for st in states]
-        getter = _getter(allkeys + ("step",) if all(steps) else allkeys)
         if memo is not None and (all(steps) or not any("step" in st for st in states)):
+            getter = _getter(allkeys + ("step",) if all(steps) else allkeys)
             objs = list(params)
             for st in states:
                 objs.extend(getter(st))
@@ -412,7 +413,9 @@ _DATA_PTR, _NUMEL, _CONTIGUOUS = torch.Tensor.data_ptr, torch.Tensor.numel, torc
 def _getter(keys: tuple):
     """A function of a state dict giving the tuple of its values at ``keys`` (KeyError where one
     is missing): ``operator.itemgetter``, which gives a bare value for one key."""
-    return operator.itemgetter(*keys) if len(keys) > 1 else (lambda st, k=keys[0]: (st[k],))
+    if len(keys) > 1:
+        return operator.itemgetter(*keys)
+    return (lambda st, k=keys[0]: (st[k],)) if keys else (lambda st: ())
 
 
 def _addresses(params, grads, states, keys) -> array.array:

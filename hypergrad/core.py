@@ -81,6 +81,28 @@ _F32 = struct.Struct("f")
 F32_TINY = 2.0 ** -126
 
 
+def _owner(cls, name: str):
+    """The class of ``cls``'s MRO that defines ``name``."""
+    return next((k for k in cls.__mro__ if name in k.__dict__), None)
+
+
+_SCALAR_UPDATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _scalar_update_of(cls):
+    """``cls.scalar_update`` where the class that defines it also defines the ``update`` and
+    ``options`` that ``cls`` uses (a subclass that overrides either one has its own rule, which
+    the float update of its parent would not follow), else None."""
+    fn = _SCALAR_UPDATES.get(cls, _UNSET)
+    if fn is _UNSET:
+        fn = getattr(cls, "scalar_update", None)
+        owner = _owner(cls, "scalar_update")
+        if fn is not None and not (owner is _owner(cls, "update") and owner is _owner(cls, "options")):
+            fn = None
+        _SCALAR_UPDATES[cls] = fn
+    return fn
+
+
 def f32(x: float) -> float:
     """``x`` rounded to the nearest float32 (ties to even), as a Python float; +-inf where it
     overflows. A float32 operation of torch on CPU rounds its exact result once; for ``+ - * /``
@@ -950,7 +972,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         parameters with gradients, no state, every hyperparameter one float32 CPU value. The
         same numbers as ``_hg_update_eager`` (tested bit for bit); False, with nothing written,
         where it does not apply."""
-        fn = type(self).scalar_update
+        fn = _scalar_update_of(type(self))
         if fn is None:
             return False
         f32t = torch.float32

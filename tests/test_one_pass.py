@@ -514,6 +514,14 @@ def test_kernel_check_memo_sees_state_tensors_given_other_storage():
     assert AdamOnePass.applies(params, grads, states, memo)
     grads[1] = states[1]["exp_avg"].view(7, 11)                        # a gradient over a state tensor
     assert not AdamOnePass.applies(params, grads, states, memo)
+    grads[1] = torch.randn(7, 11, generator=g)
+    # the memo of one set of keys does not answer for another: those tensors are checked
+    from hypergrad._onepass import _applies
+    states[1]["extra"] = torch.zeros(3)
+    assert AdamOnePass.applies(params, grads, states, memo)
+    assert not _applies(params, grads, states, ("exp_avg", "extra"), (), memo)
+    assert _applies(params, grads, states, (), (), memo)                # no keys: p and g alone
+    assert memo["static"][5][0] == ()
 
 
 def test_kernel_step_counters():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import struct
 
 import pytest
 import torch
@@ -52,20 +53,34 @@ def test_f32_rounds_as_torch_float32_operations(op):
     assert bool(torch.isinf(want).any()) and bool(((want != 0) & (want.abs() < F32_TINY)).any())
 
 
-def test_sgd_scalar_update_is_its_tensor_update():
+def _bits(x: float) -> bytes:
+    return struct.pack("f", x)
+
+
+@pytest.mark.parametrize("flush", [False, True], ids=["denormals", "flush_denormal"])
+def test_sgd_scalar_update_is_its_tensor_update(flush):
     p, g, lr = _f32_samples(3000, 3), _f32_samples(3000, 4), _f32_samples(3000, 5).abs()
     lr[::2] = lr[::2] * 0 + 1e-3  # learning rates as used, and wild ones
     o = {"momentum": False, "wd": False, "nesterov": False, "maximize": False}
     taken = 0
-    for x, y, z in zip(p, g, lr):
-        want, _ = hg.SGD.update(x.reshape(()), y.reshape(()), {}, {"lr": z.reshape(())}, o)
-        got = hg.SGD.scalar_update(float(x), float(y), {"lr": float(z)}, o)
-        if got is None:  # only where a number is a float32 subnormal
-            u = float(z * y)
-            assert any(0 < abs(v) < F32_TINY for v in (float(x), float(y), float(z), u, float(want)))
-            continue
-        taken += 1
-        assert got == float(want) or (math.isnan(got) and math.isnan(float(want))), (x, y, z)
+    if flush and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        for x, y, z in zip(p.tolist(), g.tolist(), lr.tolist()):
+            xt, yt, zt = (torch.tensor(v, dtype=torch.float32) for v in (x, y, z))
+            want, _ = hg.SGD.update(xt, yt, {}, {"lr": zt}, o)
+            got = hg.SGD.scalar_update(xt.item(), yt.item(), {"lr": zt.item()}, o)
+            if got is None:  # only where a number is a float32 subnormal
+                u = float(zt * yt)
+                assert any(0 < abs(v) < F32_TINY for v in (x, y, z, u, float(want)))
+                continue
+            taken += 1
+            if math.isnan(got):
+                assert math.isnan(float(want)), (x, y, z)
+            else:  # every bit, the sign of zero too
+                assert _bits(got) == _bits(float(want)), (x, y, z)
+    finally:
+        torch.set_flush_denormal(False)
     assert taken > 2000  # (the wide samples make some products underflow)
     for opt in ({"momentum": True}, {"wd": True}):
         assert hg.SGD.scalar_update(1.0, 1.0, {"lr": 0.1}, {**o, **opt}) is None
@@ -169,3 +184,52 @@ def test_scalar_levels_keep_a_checkpoint_round_trip(monkeypatch):
             o.step()
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_subclass_with_its_own_rule_does_not_take_sgds_float_update(monkeypatch):
+    class Halved(hg.SGD):  # another rule: the float update of SGD would not follow it
+        @staticmethod
+        def update(p, g, s, h, o):
+            return p - 0.5 * h["lr"] * g, {}
+    from hypergrad.core import _scalar_update_of
+    assert _scalar_update_of(hg.SGD) is not None and _scalar_update_of(Halved) is None
+
+    class Named(hg.SGD):  # the same rule
+        pass
+    assert _scalar_update_of(Named) is not None
+    ps = [torch.nn.Parameter(torch.tensor(1.5)), torch.nn.Parameter(torch.tensor(-2.0))]
+    opt = Halved(ps, lr=0.25)
+    for p in ps:
+        p.grad = torch.tensor(1.0)
+    opt.step()
+    assert [float(p.detach()) for p in ps] == [1.5 - 0.125, -2.0 - 0.125]
+
+
+@pytest.mark.parametrize("lr", [0.1, 1e38], ids=["finite", "overflow"])
+def test_one_element_parameters_of_a_plain_sgd_step_as_the_eager_path(lr, monkeypatch):
+    """A bottom level that learns nothing, on one-element parameters (no projection bounds:
+    an overflow is written, as the eager path writes it); a parameter without a gradient sends
+    the group to the eager path, with nothing written by the float path."""
+    def run(fast, with_none):
+        ps = [torch.nn.Parameter(torch.tensor(x)) for x in (1.5, -2.0, 3.0)]
+        opt = hg.SGD(ps, lr=lr)
+        with monkeypatch.context() as m:
+            if not fast:
+                m.setattr(hg.SGD, "scalar_update", None)
+            taken = []
+            orig = HyperOptimizer._hg_update_scalars
+            m.setattr(HyperOptimizer, "_hg_update_scalars", lambda self, gi: taken.append(orig(self, gi)) or taken[-1])
+            for t in range(3):
+                for j, p in enumerate(ps):
+                    p.grad = None if (with_none and j == 1 and t == 1) else torch.tensor(1e1 * (j + 1) - t, dtype=torch.float32)
+                opt.step()
+        return ps, opt, taken
+    for with_none in (False, True):
+        a, oa, taken = run(True, with_none)
+        b, ob, _ = run(False, with_none)
+        assert taken == ([True, False, True] if with_none else [True, True, True])
+        for x, y in zip(a, b):
+            assert _bits(float(x.detach())) == _bits(float(y.detach()))
+        assert oa.state_dict()["state"].keys() == ob.state_dict()["state"].keys()
+    if lr > 1:
+        assert any(math.isinf(float(x.detach())) for x in a)
