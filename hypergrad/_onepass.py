@@ -21,9 +21,11 @@ of ``Adam.hyper_apply`` with the scalar factors taken out of the sums (``docs/ma
     S0,  P = sum g_t g_s / d,  Q1 = sum g_t m r / d^2,  Q2 = sum g_t m g_s^2 / (d^2 r),  X = sum g_t x,
 
 and ``S1 = (ib1 + k1) S0 - ib1 P``, ``S2 = isb2 ((ib2 + k2) Q1 - ib2 Q2) / 2``, ``S3 = X + sa S0``
-follow (``adam``): 11 vector multiplications an element where the sums as written took 17, in a
+follow (``adam``): 9 vector multiplications an element where the sums as written took 17, in a
 loop where each operation added costs about a cycle (6 % of the kernel's time at 262,144 and at
 10M parameters; in cache the loop is bound by its out-of-order window, ``docs/benchmarks.md``).
+``Q1``'s terms are ``Q2``'s factor ``F = g_t m / (d^2 r)`` times ``v`` (``r^2``), so one
+division ``q = 1 / (r d)`` gives ``1 / d = r q`` and ``F = (g_t m / d) q``.
 The price: ``S2`` subtracts two sums where the closed form
 subtracts per element, so where ``v`` and ``g_s^2`` nearly cancel everywhere its float32
 rounding grows (a review measured 2.1e-6 relative against 7e-7, 200k elements with
@@ -251,13 +253,13 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
       // </update>
       // <sums>
       const V inv_d = V::blendv(ieps, r * q, pos);  // 1 / d
-      const V ir = V::blendv(zero, d * q, pos);     // 1 / r, 0 where v = 0
       V A = gt * inv_d;
       V t0 = A * mi;                                // g_t m / d
-      V E = t0 * inv_d;
-      // the sums: t0, A g_s (g_t g_s / d), E r (g_t m v / (d^2 r)), F g_s^2 (g_t m g_s^2 /
-      // (d^2 r)), gx x (g_t x)
-      V gq = gp, F = E * ir, gg = gp * gp, gx = gt;
+      // the sums: t0, A g_s (g_t g_s / d), F v (g_t m v / (d^2 r), the g_t m r / d^2 of the
+      // closed form), F g_s^2 (g_t m g_s^2 / (d^2 r)), gx x (g_t x); F is 0 where v = 0. (F = t0 q
+      // in one product where t0 / d and its products by r and 1 / r took three: 4-7 % in cache)
+      V F = t0 * q & pos;
+      V gq = gp, E = F, gg = gp * gp, gx = gt;
       if (k < L) {  // the lanes past the end: zeros, whose products can be 0 * inf where eps = 0
         const V in = lanes(k);
         t0 = V::blendv(zero, t0, in); A = V::blendv(zero, A, in); gq = V::blendv(zero, gq, in);
@@ -266,7 +268,7 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
       }
       s0 = s0 + t0;
       s1 = at::vec::fmadd(A, gq, s1);
-      s2 = at::vec::fmadd(E, r, s2);
+      s2 = at::vec::fmadd(E, vi, s2);
       s3 = at::vec::fmadd(F, gg, s3);
       if (dec) s4 = at::vec::fmadd(gx, pi, s4);
       // </sums>
