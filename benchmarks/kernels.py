@@ -121,12 +121,19 @@ def fixed(n, rounds):
 
 def levels(n, rounds):
     """Where a 3-level one-pass step's fixed cost goes: each level's hyper-gradient and update
-    called alone (they read and write only their own tensors), against the whole step."""
+    called alone (they read and write only their own tensors), against the whole step; and
+    the bottom level's check of its tensors for the kernel (``applies``, with its memo)."""
     opt = R.stack3(True, one_pass=True)(R.params(n, "cpu"))
     for _ in range(30):
         opt.step()
     bottom, mid, top = opt.levels
-    fns = {"whole step": opt.step, "level 2: hyper-gradient": mid._hg_hypergrad,
+    fn = type(bottom).one_pass_kernel
+    names = tuple(n for n, hv in bottom._hg_vars[0].items() if hv.learned)
+    params, grads, states = bottom._hg_kernel_group(0, names, fn, True)
+    memo = bottom._hg_onepass_memo[0]
+    fns = {"whole step": opt.step,
+           "level 1: check of its 8 tensors (applies)": lambda: fn.applies(params, grads, states, memo),
+           "level 2: hyper-gradient": mid._hg_hypergrad,
            "level 2: update (eager, 3 scalars)": mid._hg_update, "level 3: update (1 scalar)": top._hg_update,
            "syncs of the three levels": lambda: (bottom._hg_sync(), mid._hg_sync(), top._hg_sync()),
            "refreshes of levels 1 and 2": lambda: (bottom._hg_refresh(), mid._hg_refresh())}
