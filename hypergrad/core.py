@@ -187,6 +187,9 @@ class _Transform:
     def fwd(self, z: Tensor) -> Tensor:  # q = T(z)
         return z
 
+    def fwd_into(self, z: Tensor, out: Tensor) -> None:  # out <- T(z), in place
+        out.copy_(self.fwd(z))
+
     def inv(self, q: Tensor) -> Tensor:  # z = T^-1(q)
         return q
 
@@ -203,6 +206,9 @@ class _Log(_Transform):
     def fwd(self, z):
         return torch.exp(z)
 
+    def fwd_into(self, z, out):  # (one operation: the same numbers as copy_(fwd(z)))
+        torch.exp(z, out=out) if z.dtype == out.dtype and z.shape == out.shape else out.copy_(self.fwd(z))
+
     def inv(self, q):
         return torch.log(q)
 
@@ -218,6 +224,9 @@ class _Logit(_Transform):
 
     def fwd(self, z):
         return torch.sigmoid(z)
+
+    def fwd_into(self, z, out):
+        torch.sigmoid(z, out=out) if z.dtype == out.dtype and z.shape == out.shape else out.copy_(self.fwd(z))
 
     def inv(self, q):
         return torch.logit(q)
@@ -295,7 +304,7 @@ class HyperVar:
         """Recompute the values from the raw tensors after the level above stepped."""
         if self.transform.name is not None:
             for v, r in zip(self.value, self.raw):
-                v.copy_(self.transform.fwd(r))
+                self.transform.fwd_into(r, v)
         self.mark()
 
 
