@@ -93,14 +93,14 @@ def _scalar_update_of(cls):
     """``cls.scalar_update`` where the class that defines it also defines the ``update`` and
     ``options`` that ``cls`` uses (a subclass that overrides either one has its own rule, which
     the float update of its parent would not follow), else None."""
-    fn = _SCALAR_UPDATES.get(cls, _UNSET)
-    if fn is _UNSET:
-        fn = getattr(cls, "scalar_update", None)
+    fn = getattr(cls, "scalar_update", None)
+    if fn is None:
+        return None
+    seen = _SCALAR_UPDATES.get(cls)  # (the answer for this function: a class attribute can change)
+    if seen is None or seen[0] is not fn:
         owner = _owner(cls, "scalar_update")
-        if fn is not None and not (owner is _owner(cls, "update") and owner is _owner(cls, "options")):
-            fn = None
-        _SCALAR_UPDATES[cls] = fn
-    return fn
+        seen = _SCALAR_UPDATES[cls] = (fn, owner is _owner(cls, "update") and owner is _owner(cls, "options"))
+    return fn if seen[1] else None
 
 
 def f32(x: float) -> float:
@@ -413,6 +413,10 @@ class HyperOptimizer(torch.optim.Optimizer):
     # scalars with it (``_hg_update_scalars``): a handful of float operations in place of the
     # tensor operations and bookkeeping of the eager path, 5-10 us a scalar
     scalar_update: ClassVar[Any] = None
+    # with scalar_update, optional: the names of the state entries that ``update`` under
+    # ``opts["hg_save"]`` sets to the gradient it used (and nothing else) wherever
+    # scalar_update gives a number; a level that learns steps its scalars by the float path too
+    scalar_saves: ClassVar[tuple[str, ...] | None] = None
 
     # ---------------------------------------------------------------- rule interface
     def options(self, group: dict, values: dict[str, float]) -> dict:
@@ -964,7 +968,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             if gi in skip:
                 continue
             kind = self._hg_kind(gi) if snaps is not None else None
-            if kind is None and self._hg_update_scalars(gi):
+            if kind in (None, "closed") and self._hg_update_scalars(gi, kind, snaps):
                 continue
             # (a level above a one_pass bottom level keeps lagged records: the eager update)
             if kind == "closed" and not self._hg_lag and self._hg_compiles(gi) and \
@@ -975,18 +979,27 @@ class HyperOptimizer(torch.optim.Optimizer):
                 continue
             self._hg_update_eager(gi, kind, snaps)
 
-    def _hg_update_scalars(self, gi: int) -> bool:
-        """The update of group ``gi`` in Python floats (the rule's ``scalar_update``), where this
-        level learns nothing and the group is a hyper level's scalars: one-element float32 CPU
-        parameters with gradients, no state, every hyperparameter one float32 CPU value. The
-        same numbers as ``_hg_update_eager`` (tested bit for bit); False, with nothing written,
-        where it does not apply."""
+    def _hg_update_scalars(self, gi: int, kind: str | None = None, snaps=None) -> bool:
+        """The update of group ``gi`` in Python floats (the rule's ``scalar_update``) where the
+        group is a hyper level's scalars: one-element float32 CPU parameters with gradients,
+        every hyperparameter one float32 CPU value, and no state (``kind`` None: this level
+        learns nothing), or (``kind`` "closed", not compiled: a level that learns, whose rule
+        names in ``scalar_saves`` the state it keeps, the gradient it used) only that state and
+        the records, which this makes as ``_hg_update_eager`` makes them (``snaps``: the values
+        this step uses). The same numbers as ``_hg_update_eager`` (tested bit for bit, records
+        included); False, with nothing written, where it does not apply."""
         fn = _scalar_update_of(type(self))
         if fn is None:
             return False
+        saves = ()
+        if kind is not None:
+            saves = getattr(type(self), "scalar_saves", None)
+            if kind != "closed" or saves is None or snaps is None or self._hg_compiles(gi):
+                return False
         f32t = torch.float32
+        vars = self._hg_vars[gi]
         h = {}
-        for n, hv in self._hg_vars[gi].items():
+        for n, hv in vars.items():
             if len(hv.value) != 1:
                 return False
             v = hv.value[0]
@@ -1000,24 +1013,44 @@ class HyperOptimizer(torch.optim.Optimizer):
         for p in params:
             g = p.grad
             if g is None or p.dtype is not f32t or g.dtype is not f32t or not p.is_cpu or not g.is_cpu \
-                    or p.numel() != 1 or g.numel() != 1 or g.layout is not torch.strided or self.state.get(p):
+                    or p.numel() != 1 or g.numel() != 1 or g.layout is not torch.strided:
                 return False
-            x = fn(p.item(), -g.item() if neg else g.item(), h, opts)
+            st = self.state.get(p)
+            # no state the rule reads (kind None: none at all; else only records and hg_* entries)
+            if st and (kind is None or any(k != _RECORD and not k.startswith("hg_") for k in st)):
+                return False
+            gf = -g.item() if neg else g.item()
+            x = fn(p.item(), gf, h, opts)
             if x is None:
                 return False
-            new.append(x)
+            new.append((x, gf))
         proj = self._hg_proj
-        for p, x in zip(params, new):
+        for i, (p, (x, gf)) in enumerate(zip(params, new)):
             st = self.state[p]  # (as the eager path: an empty state, which state_dict lists)
             b = proj.get(p)
+            mask = None
             if b is not None:
-                if not math.isfinite(x):  # as _hg_update_eager: the hyper-step is not taken
+                # as _hg_update_eager: a non-finite step (or saved gradient) is not taken
+                if not (math.isfinite(x) and (not saves or math.isfinite(gf))):
                     self._hg_record(st, None)
                     self.steps_skipped += 1
                     continue
                 if not b[0] <= x <= b[1]:
+                    if kind == "closed":  # clipped: the derivative is 0
+                        mask = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
                     x = min(max(x, b[0]), b[1])
+            if kind is not None:
+                rec = {"kind": kind, "h": {n: snaps[id(hv)][0] for n, hv in vars.items()}, "mask": mask}
+                if self._hg_lag:
+                    self._hg_record(st, rec)
+                else:
+                    st[_RECORD] = rec
+                for k in saves:  # the gradient the update used, a tensor of its own
+                    st[k] = torch.neg(p.grad) if neg else p.grad.clone()
             p.fill_(x)
+            if kind is not None and self._hg_lag:
+                rec["p"] = p.detach().clone()  # x_s, which the next update overwrites
+                rec["state"] = {k: v for k, v in st.items() if k != _RECORD and k != _PREV}
         return True
 
     def _hg_update_eager(self, gi: int, kind: str | None, snaps) -> None:

@@ -207,6 +207,8 @@ class SGD(_HO):
             g = g + h["momentum"] * buf if o["nesterov"] else buf
         return p - h["lr"] * g, new
 
+    scalar_saves = ("hg_gprev",)  # update's hg_save state where scalar_update applies: g
+
     @staticmethod
     def scalar_update(p: float, g: float, h: dict, o: dict) -> float | None:
         """``update`` of a one-element float32 parameter without state, in floats: ``p - lr * g``

@@ -99,6 +99,13 @@ def _stacks():
         ("adam-sgd-sgd-one-pass", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e-3, hyper=hg.SGD(lr=1e-5)),
                                                       one_pass=True)),
         ("mada-sgd", lambda ps: MADA(ps, lr=1e-2, hyper=hg.SGD(lr=1e-3))),
+        # the middle level's steps clipped by the bounds below it (its records' masks), in both orders
+        ("adam-sgd-sgd-clipped", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e3, hyper=hg.SGD(lr=1e-6)),
+                                                     reparam=None, bounds={"lr": (1e-4, 2e-2), "beta1": (0.5, 0.95)})),
+        ("adam-sgd-sgd-clipped-one-pass", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e3, hyper=hg.SGD(lr=1e-6)),
+                                                              reparam=None, bounds={"lr": (1e-4, 2e-2)}, one_pass=True)),
+        ("adam-sgd-maximize-sgd", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e-4, maximize=True,
+                                                                               hyper=hg.SGD(lr=1e-6)))),
         ("sgd-momentum-top", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e-3, momentum=0.5))),
     ]
 
@@ -107,13 +114,14 @@ def _run(make, steps, fast: bool, monkeypatch):
     model = MLP(dtype=torch.float32)
     opt = make(list(model.parameters()))
     with monkeypatch.context() as m:
-        calls = []
+        calls, kinds = [], []
         if fast:
             orig = HyperOptimizer._hg_update_scalars
 
-            def counted(self, gi):
-                done = orig(self, gi)
+            def counted(self, gi, kind=None, snaps=None):
+                done = orig(self, gi, kind, snaps)
                 calls.append(done)
+                kinds.append((kind, done))
                 return done
             m.setattr(HyperOptimizer, "_hg_update_scalars", counted)
         else:
@@ -122,6 +130,7 @@ def _run(make, steps, fast: bool, monkeypatch):
             opt.zero_grad()
             loss_at(model, t).backward()
             opt.step()
+    _run.kinds = kinds
     return model, opt, calls
 
 
@@ -148,11 +157,14 @@ def _same(a, b, where):
 @pytest.mark.parametrize("name,make", _stacks(), ids=[n for n, _ in _stacks()])
 def test_scalar_levels_step_as_the_eager_path(name, make, monkeypatch):
     ma, oa, calls = _run(make, 12, True, monkeypatch)
+    kinds = _run.kinds
     mb, ob, _ = _run(make, 12, False, monkeypatch)
     if name == "sgd-momentum-top":  # a state: the eager path
         assert calls and not any(calls)
     else:
         assert sum(calls) >= 9, calls  # (a few steps before the first hyper-gradients reach the top)
+    if "sgd-sgd" in name or name == "adam-sgd-maximize-sgd":  # the middle SGD level learns its lr: records
+        assert sum(done for kind, done in kinds if kind == "closed") >= 8, kinds
     for a, b in zip(ma.parameters(), mb.parameters()):
         assert torch.equal(a, b)
     for la, lb in zip(oa.levels, ob.levels):
@@ -160,8 +172,11 @@ def test_scalar_levels_step_as_the_eager_path(name, make, monkeypatch):
             for (n, va), vb in zip(la.hyperparameters(gi).items(), lb.hyperparameters(gi).values()):
                 assert torch.equal(va, vb), (name, n)
         assert la.steps_skipped == lb.steps_skipped
-        # the whole state, the records of the last updates (and the ones before) included
+        # the whole state_dict, and the state itself with the records of the last updates (and
+        # of the ones before) that the next hyper-gradients read
         _same(la.state_dict(), lb.state_dict(), name)
+        pa, pb = [p for g in la.param_groups for p in g["params"]], [p for g in lb.param_groups for p in g["params"]]
+        _same([la.state.get(p) for p in pa], [lb.state.get(p) for p in pb], (name, "state"))
     if name == "adam-sgd-clipped":  # the projection did clip
         lr = oa.hyperparameters()["lr"]
         assert float(lr) in (oa.levels[1]._hg_proj[oa._hg_vars[0]["lr"].raw[0]])
@@ -233,7 +248,8 @@ def test_one_element_parameters_of_a_plain_sgd_step_as_the_eager_path(lr, monkey
                 m.setattr(hg.SGD, "scalar_update", None)
             taken = []
             orig = HyperOptimizer._hg_update_scalars
-            m.setattr(HyperOptimizer, "_hg_update_scalars", lambda self, gi: taken.append(orig(self, gi)) or taken[-1])
+            m.setattr(HyperOptimizer, "_hg_update_scalars",
+                      lambda self, gi, *a: taken.append(orig(self, gi, *a)) or taken[-1])
             for t in range(3):
                 for j, p in enumerate(ps):
                     p.grad = None if (with_none and j == 1 and t == 1) else torch.tensor(1e1 * (j + 1) - t, dtype=torch.float32)
