@@ -134,7 +134,7 @@ def levels(n, rounds):
     fns = {"whole step": opt.step,
            "level 1: check of its 8 tensors (applies)": lambda: fn.applies(params, grads, states, memo),
            "level 2: hyper-gradient": mid._hg_hypergrad,
-           "level 2: update (eager, 3 scalars)": mid._hg_update, "level 3: update (1 scalar)": top._hg_update,
+           "level 2: update (3 scalars, records)": mid._hg_update, "level 3: update (1 scalar)": top._hg_update,
            "syncs of the three levels": lambda: (bottom._hg_sync(), mid._hg_sync(), top._hg_sync()),
            "refreshes of levels 1 and 2": lambda: (bottom._hg_refresh(), mid._hg_refresh())}
     t = best(fns, rounds, 200)
