@@ -89,17 +89,22 @@ def _owner(cls, name: str):
 _SCALAR_UPDATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_RULE_PARTS = ("update", "options", "init_state")
+
+
 def _scalar_update_of(cls):
-    """``cls.scalar_update`` where the class that defines it also defines the ``update`` and
-    ``options`` that ``cls`` uses (a subclass that overrides either one has its own rule, which
-    the float update of its parent would not follow), else None."""
+    """``cls.scalar_update`` where the class that defines it also defines the ``update``,
+    ``options`` and ``init_state`` that ``cls`` uses (a subclass that overrides one of them has
+    its own rule, which the float update of its parent would not follow), else None."""
     fn = getattr(cls, "scalar_update", None)
     if fn is None:
         return None
-    seen = _SCALAR_UPDATES.get(cls)  # (the answer for this function: a class attribute can change)
-    if seen is None or seen[0] is not fn:
+    # (the answer for these functions: class attributes can change)
+    key = (fn, *(getattr(cls, n, None) for n in _RULE_PARTS))
+    seen = _SCALAR_UPDATES.get(cls)
+    if seen is None or len(seen[0]) != len(key) or any(a is not b for a, b in zip(seen[0], key)):
         owner = _owner(cls, "scalar_update")
-        seen = _SCALAR_UPDATES[cls] = (fn, owner is _owner(cls, "update") and owner is _owner(cls, "options"))
+        seen = _SCALAR_UPDATES[cls] = (key, all(owner is _owner(cls, n) for n in _RULE_PARTS))
     return fn if seen[1] else None
 
 
@@ -981,7 +986,7 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     def _hg_update_scalars(self, gi: int, kind: str | None = None, snaps=None) -> bool:
         """The update of group ``gi`` in Python floats (the rule's ``scalar_update``) where the
-        group is a hyper level's scalars: one-element float32 CPU parameters with gradients,
+        group is a hyper level's scalars (or any level's): one-element float32 CPU parameters with gradients,
         every hyperparameter one float32 CPU value, and no state (``kind`` None: this level
         learns nothing), or (``kind`` "closed", not compiled: a level that learns, whose rule
         names in ``scalar_saves`` the state it keeps, the gradient it used) only that state and

@@ -107,6 +107,12 @@ def _stacks():
         ("adam-sgd-maximize-sgd", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e-4, maximize=True,
                                                                                hyper=hg.SGD(lr=1e-6)))),
         ("sgd-momentum-top", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e-3, momentum=0.5))),
+        # a middle level that learns with momentum (a state the float path does not make): eager
+        ("sgd-momentum-middle", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e-3, momentum=0.5,
+                                                                             hyper=hg.SGD(lr=1e-6)))),
+        # a middle level whose steps overflow: not taken, counted, its records dropped
+        ("adam-sgd-sgd-overflow", lambda ps: hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e38, hyper=hg.SGD(lr=1e-6)),
+                                                      reparam=None, bounds={"lr": (0.0, 1.0)}, one_pass=True)),
     ]
 
 
@@ -115,22 +121,23 @@ def _run(make, steps, fast: bool, monkeypatch):
     opt = make(list(model.parameters()))
     with monkeypatch.context() as m:
         calls, kinds = [], []
-        if fast:
-            orig = HyperOptimizer._hg_update_scalars
+        orig = HyperOptimizer._hg_update_scalars
 
-            def counted(self, gi, kind=None, snaps=None):
-                done = orig(self, gi, kind, snaps)
-                calls.append(done)
-                kinds.append((kind, done))
-                return done
-            m.setattr(HyperOptimizer, "_hg_update_scalars", counted)
-        else:
+        def counted(self, gi, kind=None, snaps=None):
+            done = orig(self, gi, kind, snaps)
+            calls.append(done)
+            kinds.append((kind, done))
+            return done
+        m.setattr(HyperOptimizer, "_hg_update_scalars", counted)
+        if not fast:
             m.setattr(hg.SGD, "scalar_update", None)
         for t in range(1, steps + 1):
             opt.zero_grad()
             loss_at(model, t).backward()
             opt.step()
     _run.kinds = kinds
+    if not fast:  # the eager run is eager: the float path never took a group
+        assert not any(calls), calls
     return model, opt, calls
 
 
@@ -161,9 +168,13 @@ def test_scalar_levels_step_as_the_eager_path(name, make, monkeypatch):
     mb, ob, _ = _run(make, 12, False, monkeypatch)
     if name == "sgd-momentum-top":  # a state: the eager path
         assert calls and not any(calls)
+    elif name == "sgd-momentum-middle":  # the middle level keeps a momentum buffer: eager; the top: floats
+        assert not any(done for kind, done in kinds if kind == "closed") and any(calls)
     else:
         assert sum(calls) >= 9, calls  # (a few steps before the first hyper-gradients reach the top)
-    if "sgd-sgd" in name or name == "adam-sgd-maximize-sgd":  # the middle SGD level learns its lr: records
+    if name == "adam-sgd-sgd-overflow":
+        assert oa.levels[1].steps_skipped == ob.levels[1].steps_skipped > 0
+    elif "sgd-sgd" in name or name == "adam-sgd-maximize-sgd":  # the middle SGD level learns its lr: records
         assert sum(done for kind, done in kinds if kind == "closed") >= 8, kinds
     for a, b in zip(ma.parameters(), mb.parameters()):
         assert torch.equal(a, b)
@@ -264,3 +275,49 @@ def test_one_element_parameters_of_a_plain_sgd_step_as_the_eager_path(lr, monkey
         assert oa.state_dict()["state"].keys() == ob.state_dict()["state"].keys()
     if lr > 1:
         assert any(math.isinf(float(x.detach())) for x in a)
+
+
+def test_a_bottom_level_of_one_element_parameters_that_learns_steps_as_the_eager_path(monkeypatch):
+    """kind "closed" on a bottom level (not a hyper level): 0-dim model parameters, SGD learning
+    its lr, in both orders; also a subclass whose init_state differs keeps the eager path."""
+    def run(fast, one_pass):
+        ps = [torch.nn.Parameter(torch.tensor(x)) for x in (1.5, -2.0, 0.25)]
+        opt = hg.SGD(ps, lr=0.1, hyper=hg.SGD(lr=1e-2), one_pass=one_pass)
+        taken = []
+        with monkeypatch.context() as m:
+            orig = HyperOptimizer._hg_update_scalars
+            m.setattr(HyperOptimizer, "_hg_update_scalars",
+                      lambda self, gi, *a: taken.append((a[0] if a else None, orig(self, gi, *a))) or taken[-1][1])
+            if not fast:
+                m.setattr(hg.SGD, "scalar_update", None)
+            for t in range(6):
+                for j, p in enumerate(ps):
+                    p.grad = (2.0 * (p.detach() - 0.3 * j) + 0.01 * t).clone()
+                opt.step()
+        return ps, opt, taken
+    for one_pass in (False, True):
+        a, oa, taken = run(True, one_pass)
+        b, ob, tb = run(False, one_pass)
+        assert not any(done for _, done in tb)
+        if not one_pass:  # (one_pass=True: the bottom level's update is its own, not this path)
+            assert sum(done for kind, done in taken if kind == "closed") >= 4, taken
+        for x, y in zip(a, b):
+            assert _bits(float(x.detach())) == _bits(float(y.detach()))
+        for la, lb in zip(oa.levels, ob.levels):
+            pa = [p for g in la.param_groups for p in g["params"]]
+            pb = [p for g in lb.param_groups for p in g["params"]]
+            _same([la.state.get(p) for p in pa], [lb.state.get(p) for p in pb], one_pass)
+            _same(la.state_dict(), lb.state_dict(), one_pass)
+
+    class Stateful(hg.SGD):
+        @staticmethod
+        def init_state(p, o):
+            return {"seen": torch.zeros_like(p)}
+    from hypergrad.core import _scalar_update_of
+    assert _scalar_update_of(Stateful) is None
+
+    class Later(hg.SGD):
+        pass
+    assert _scalar_update_of(Later) is not None
+    Later.update = staticmethod(lambda p, g, s, h, o: (p - h["lr"] * g, {}))  # a rule of its own, later
+    assert _scalar_update_of(Later) is None
