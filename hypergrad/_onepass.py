@@ -259,16 +259,16 @@ extern "C" void kernel(uintptr_t ptrs, uintptr_t lens, int64_t ntensors, uintptr
       // closed form), F g_s^2 (g_t m g_s^2 / (d^2 r)), gx x (g_t x); F is 0 where v = 0. (F = t0 q
       // in one product where t0 / d and its products by r and 1 / r took three: 4-7 % in cache)
       V F = t0 * q & pos;
-      V gq = gp, E = F, gg = gp * gp, gx = gt;
+      V gq = gp, gg = gp * gp, gx = gt;
       if (k < L) {  // the lanes past the end: zeros, whose products can be 0 * inf where eps = 0
         const V in = lanes(k);
         t0 = V::blendv(zero, t0, in); A = V::blendv(zero, A, in); gq = V::blendv(zero, gq, in);
-        E = V::blendv(zero, E, in); F = V::blendv(zero, F, in); gg = V::blendv(zero, gg, in);
+        F = V::blendv(zero, F, in); gg = V::blendv(zero, gg, in);
         gx = V::blendv(zero, gx, in);
       }
       s0 = s0 + t0;
       s1 = at::vec::fmadd(A, gq, s1);
-      s2 = at::vec::fmadd(E, vi, s2);
+      s2 = at::vec::fmadd(F, vi, s2);
       s3 = at::vec::fmadd(F, gg, s3);
       if (dec) s4 = at::vec::fmadd(gx, pi, s4);
       // </sums>
@@ -355,7 +355,7 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
         # addresses, and the parameters' size, layout and dtype)
         if objs is None or static[5][0] != allkeys or list(map(id, objs)) != static[0] \
                 or list(map(_DATA_PTR, objs)) != static[1] \
-                or list(map(_NUMEL, params)) != static[9] or not all(map(_CONTIGUOUS, params)) \
+                or list(map(_NUMEL, params)) != static[6].tolist() or not all(map(_CONTIGUOUS, params)) \
                 or any(p.dtype is not f32 for p in params):
             static = None
     if static is None:  # check the parameters and the state in full
@@ -385,12 +385,11 @@ def _applies(params, grads, states, keys, byte_keys=(), memo=None) -> bool:
             ptrs = _addresses(params, None, states, allkeys)  # the gradients' slots 0
             # (ids, addresses, the weak references that keep the ids meaningful, span starts,
             #  ends, the addresses and their keys, the lengths, the step counters, the getter of
-            #  the state's tensors, the parameters' sizes)
+            #  the state's tensors)
             memo["static"] = static = ([id(x) for x in objs], [x.data_ptr() for x in objs],
                                        [weakref.ref(x, clear) for x in objs],
                                        [a for a, _ in spans], [b for _, b in spans], (allkeys, ptrs),
-                                       array.array("q", [p.numel() for p in params]), _steps_of(states), getter,
-                                       [p.numel() for p in params])
+                                       array.array("q", [p.numel() for p in params]), _steps_of(states), getter)
         else:
             if memo is not None:
                 memo.pop("static", None)

@@ -100,9 +100,9 @@ def _scalar_update_of(cls):
     if fn is None:
         return None
     # (the answer for these functions: class attributes can change)
-    key = (fn, *(getattr(cls, n, None) for n in _RULE_PARTS))
+    key = (fn, *(getattr(cls, n, None) for n in _RULE_PARTS))  # (functions compare by identity)
     seen = _SCALAR_UPDATES.get(cls)
-    if seen is None or len(seen[0]) != len(key) or any(a is not b for a, b in zip(seen[0], key)):
+    if seen is None or seen[0] != key:
         owner = _owner(cls, "scalar_update")
         seen = _SCALAR_UPDATES[cls] = (key, all(owner is _owner(cls, n) for n in _RULE_PARTS))
     return fn if seen[1] else None
@@ -192,8 +192,14 @@ class _Transform:
     def fwd(self, z: Tensor) -> Tensor:  # q = T(z)
         return z
 
-    def fwd_into(self, z: Tensor, out: Tensor) -> None:  # out <- T(z), in place
-        out.copy_(self.fwd(z))
+    _op = None  # fwd as one torch function taking out= (None: the identity)
+
+    def fwd_into(self, z: Tensor, out: Tensor) -> None:
+        """out <- T(z) in place: one operation where it can (the same numbers as copy_(fwd(z)))."""
+        if self._op is not None and z.dtype == out.dtype and z.shape == out.shape:
+            self._op(z, out=out)
+        else:
+            out.copy_(self.fwd(z))
 
     def inv(self, q: Tensor) -> Tensor:  # z = T^-1(q)
         return q
@@ -208,11 +214,10 @@ class _Transform:
 class _Log(_Transform):
     name = "log"
 
+    _op = staticmethod(torch.exp)
+
     def fwd(self, z):
         return torch.exp(z)
-
-    def fwd_into(self, z, out):  # (one operation: the same numbers as copy_(fwd(z)))
-        torch.exp(z, out=out) if z.dtype == out.dtype and z.shape == out.shape else out.copy_(self.fwd(z))
 
     def inv(self, q):
         return torch.log(q)
@@ -227,11 +232,10 @@ class _Log(_Transform):
 class _Logit(_Transform):
     name = "logit"
 
+    _op = staticmethod(torch.sigmoid)
+
     def fwd(self, z):
         return torch.sigmoid(z)
-
-    def fwd_into(self, z, out):
-        torch.sigmoid(z, out=out) if z.dtype == out.dtype and z.shape == out.shape else out.copy_(self.fwd(z))
 
     def inv(self, q):
         return torch.logit(q)
@@ -986,8 +990,8 @@ class HyperOptimizer(torch.optim.Optimizer):
 
     def _hg_update_scalars(self, gi: int, kind: str | None = None, snaps=None) -> bool:
         """The update of group ``gi`` in Python floats (the rule's ``scalar_update``) where the
-        group is a hyper level's scalars (or any level's): one-element float32 CPU parameters with gradients,
-        every hyperparameter one float32 CPU value, and no state (``kind`` None: this level
+        group holds scalars (a hyper level's, or any level's): one-element float32 CPU parameters
+        with gradients, every hyperparameter one float32 CPU value, and no state (``kind`` None: this level
         learns nothing), or (``kind`` "closed", not compiled: a level that learns, whose rule
         names in ``scalar_saves`` the state it keeps, the gradient it used) only that state and
         the records, which this makes as ``_hg_update_eager`` makes them (``snaps``: the values
@@ -998,10 +1002,20 @@ class HyperOptimizer(torch.optim.Optimizer):
             return False
         saves = ()
         if kind is not None:
-            saves = getattr(type(self), "scalar_saves", None)
+            saves = type(self).scalar_saves
             if kind != "closed" or saves is None or snaps is None or self._hg_compiles(gi):
                 return False
         f32t = torch.float32
+        params = self.param_groups[gi]["params"]
+        for p in params:  # (first: a level of large tensors leaves here at its first parameter)
+            g = p.grad
+            if g is None or p.dtype is not f32t or g.dtype is not f32t or not p.is_cpu or not g.is_cpu \
+                    or p.numel() != 1 or g.numel() != 1 or g.layout is not torch.strided:
+                return False
+            st = self.state.get(p)
+            # no state the rule reads (kind None: none at all; else only records and hg_* entries)
+            if st and (kind is None or any(k != _RECORD and not k.startswith("hg_") for k in st)):
+                return False
         vars = self._hg_vars[gi]
         h = {}
         for n, hv in vars.items():
@@ -1013,24 +1027,16 @@ class HyperOptimizer(torch.optim.Optimizer):
             h[n] = v.item()
         opts = self._hg_opts[gi]
         neg = bool(opts.get("maximize"))
-        params = self.param_groups[gi]["params"]
         new = []
         for p in params:
             g = p.grad
-            if g is None or p.dtype is not f32t or g.dtype is not f32t or not p.is_cpu or not g.is_cpu \
-                    or p.numel() != 1 or g.numel() != 1 or g.layout is not torch.strided:
-                return False
-            st = self.state.get(p)
-            # no state the rule reads (kind None: none at all; else only records and hg_* entries)
-            if st and (kind is None or any(k != _RECORD and not k.startswith("hg_") for k in st)):
-                return False
             gf = -g.item() if neg else g.item()
             x = fn(p.item(), gf, h, opts)
             if x is None:
                 return False
             new.append((x, gf))
         proj = self._hg_proj
-        for i, (p, (x, gf)) in enumerate(zip(params, new)):
+        for p, (x, gf) in zip(params, new):
             st = self.state[p]  # (as the eager path: an empty state, which state_dict lists)
             b = proj.get(p)
             mask = None
