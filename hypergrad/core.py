@@ -120,6 +120,11 @@ def f32(x: float) -> float:
         return math.copysign(math.inf, x)
 
 
+def _subnormal(*xs: float) -> bool:
+    """Whether one of the float32 numbers ``xs`` is subnormal (nonzero, below ``F32_TINY``)."""
+    return any(0.0 < abs(x) < F32_TINY for x in xs)
+
+
 def _shares(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors share memory (a view, or the same tensor)."""
     return a is b or (a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
@@ -210,6 +215,12 @@ class _Transform:
     def dq_dz(self, q: Tensor) -> Tensor | float:
         return 1.0
 
+    def raw_grad_float(self, g: float, q: float) -> float | None:
+        """``g * dq_dz(q)`` for float32 numbers ``g`` and ``q`` as float32 tensors compute it, in
+        Python floats (``f32``); None where a number is a float32 subnormal (which torch may
+        flush to zero, ``torch.set_flush_denormal``)."""
+        return g
+
 
 class _Log(_Transform):
     name = "log"
@@ -227,6 +238,10 @@ class _Log(_Transform):
 
     def dq_dz(self, q):
         return q
+
+    def raw_grad_float(self, g, q):
+        x = f32(g * q)
+        return None if _subnormal(g, q, x) else x
 
 
 class _Logit(_Transform):
@@ -249,6 +264,12 @@ class _Logit(_Transform):
 
     def dq_dz(self, q):
         return q * (1 - q)
+
+    def raw_grad_float(self, g, q):
+        w = f32(1 - q)
+        d = f32(q * w)
+        x = f32(g * d)
+        return None if _subnormal(g, q, w, d, x) else x
 
 
 _TRANSFORMS = {None: _Transform(), "log": _Log(), "logit": _Logit()}
@@ -1319,6 +1340,9 @@ class HyperOptimizer(torch.optim.Optimizer):
         param group, ``_hg_checks_inside``): the gradients are checked before anything is
         computed or written, by the group's one-pass kernel where it runs, else here; where one
         is not finite, ``_hg_grads_bad`` is set and nothing changes (the caller skips the step)."""
+        if fuse and self._hg_onepass_steady(check):
+            return
+        self._hg_plan = None
         self._hg_grads_bad = False
         self._hg_fused = set()
         self._hg_summed = set()  # the groups whose hyper-gradient a hand-written sums kernel made
@@ -1449,6 +1473,13 @@ class HyperOptimizer(torch.optim.Optimizer):
             for (hv, idx, snap), gr in zip(leaf_owners, grads):
                 add(hv, idx, snap, torch.zeros_like(snap) if gr is None else gr)
         self._hg_ok = self._hg_store(owners, acc)
+        if self._hg_fused == {0} and len(self.param_groups) == 1 and self._hg_shard_group is None and \
+                self._hg_clip is None:
+            # the route of a steady one-pass step: what _hg_onepass_steady takes for granted
+            rec = self.state[self.param_groups[0]["params"][0]][_RECORD]
+            self._hg_plan = [self._hg_vars[0], self._hg_opts[0], type(self).one_pass_kernel,
+                             self._hg_onepass_memo[0], rec, learned,
+                             tuple(n for n, hv in self._hg_vars[0].items() if hv.learned), {}]
 
     def _hg_grads_finite(self) -> bool:
         """Whether the gradients of this (bottom) level that no hyper-gradient covered are finite
@@ -1713,6 +1744,112 @@ class HyperOptimizer(torch.optim.Optimizer):
                "hf": hf}  # the values as floats, for the next step's scalars
         for st in states:
             st[_RECORD] = rec
+        return True
+
+    def _hg_onepass_steady(self, check: bool) -> bool:
+        """``_hg_hypergrad(fuse=True, check=check)`` where the last step took the route of a steady
+        one-pass step (one param group, its one-pass kernel, no shards, no clip: ``_hg_plan``)
+        and nothing it depends on has changed since: the same numbers, records and counters as
+        that route (tested bit for bit), without the decisions the general code makes again at
+        every step (a fixed cost that a fused torch step does not have). The tensors are checked
+        as there (``_hg_kernel_group``, ``_hg_kernel_inputs``). False, with nothing written,
+        where the plan does not hold: the general code runs (and makes the plan anew)."""
+        plan = getattr(self, "_hg_plan", None)
+        if plan is None:
+            return False
+        vars, opts, fn, memo, rec, learned, names, _ = plan
+        if len(self.param_groups) != 1 or self._hg_vars[0] is not vars or self._hg_opts[0] is not opts or \
+                self._hg_kinds.get(0) != "closed" or self._hg_t <= self._hg_warmup or \
+                self._hg_shard_group is not None or self._hg_clip is not None or self._hg_proj or \
+                not self._hg_stable.get(0) or type(self).one_pass_kernel is not fn or \
+                self._hg_onepass_memo.get(0) is not memo or not self._hg_compiles(0) or \
+                rec["kind"] != "closed" or rec["mask"] is not None:
+            return False
+        params = self.param_groups[0]["params"]
+        if not params:
+            return False
+        states = list(map(self.state.get, params))
+        grads = [p.grad for p in params]
+        if any(st is None or st.get(_RECORD) is not rec for st in states) or any(g is None for g in grads):
+            return False
+        memo.pop("passed", None)
+        if not fn.applies(params, grads, states, memo):
+            return False
+        step = self._hg_common_step(0, states, "hyper_coefficients")
+        if step is None:
+            return False
+        memo["passed"] = (self._hg_step_id, tuple(map(id, grads)))
+        h = rec["h"]
+        hc = self._hg_float_scalars(0, "hyper_coefficients", h, rec.get("hf") or {n: float(x) for n, x in h.items()},
+                                    step, 0)
+        hf, c = self._hg_now_scalars(0, step)
+        # (from here on as _hg_hypergrad: its kernel's route, then _hg_store)
+        self._hg_fused = set()
+        self._hg_summed = set()
+        self._hg_covered = set()
+        self._hg_grads_bad = False
+        try:  # (as _hg_try: where the kernel cannot run, the general code finds out and says so)
+            sums = fn.run(params, grads, states, hc, c, opts, names, memo=memo, check=check)
+        except MemoryError:
+            raise
+        except Exception:
+            return False
+        for hv in learned:
+            for r in hv.raw:
+                r.grad = None
+        if sums is None:  # a non-finite gradient, nothing written: the caller skips the step
+            self._hg_grads_bad = True
+            return True
+        _onepass.advance_steps(states, memo)
+        # the values this update used (the step runs under no_grad: a clone needs no detach); a
+        # value not learned keeps the last record's copy where neither has been written since
+        hnew = {}
+        kept = plan[7]
+        for n, hv in vars.items():
+            v = hv.value[0]
+            k = kept.get(n)
+            if k is not None and k[0] is v and k[1] == v._version and k[3] == k[2]._version:
+                hnew[n] = k[2]
+                continue
+            hnew[n] = x = v.clone()
+            if not hv.learned:
+                kept[n] = (v, v._version, x, x._version)
+        new = {"kind": "closed", "h": hnew, "mask": None, "hf": hf}
+        for st in states:
+            st[_RECORD] = new
+        plan[4] = new
+        for hv in learned:
+            hv.grad = [None]
+        finite = True
+        f32t = torch.float32
+        for n, val in sums.items():
+            hv = vars[n]
+            v = hv.value[0]
+            gq = torch.scalar_tensor(val, dtype=v.dtype, device=v.device)
+            hv.grad = [gq]
+            r = hv.raw[0]
+            if not hv.transform.name:
+                r.grad = gq if gq.dtype == r.dtype else gq.to(r.dtype)
+            else:
+                # raw-space gradient gq * dq/dz at the value the update used, in floats where
+                # they are 0-dim float32 CPU tensors (hv.transform.raw_grad_float: the same number)
+                sn, x = h[n], None
+                if gq.dtype is f32t and sn.dtype is f32t and r.dtype is f32t and sn.is_cpu and not sn.dim() \
+                        and not r.dim():
+                    x = hv.transform.raw_grad_float(gq.item(), sn.item())
+                if x is None:
+                    raw_grad = gq * hv.transform.dq_dz(sn.to(gq.dtype))
+                    r.grad = raw_grad if raw_grad.dtype == r.dtype else raw_grad.to(r.dtype)
+                else:
+                    r.grad = torch.scalar_tensor(x, dtype=r.dtype, device=r.device)
+            finite = finite and math.isfinite(gq.item())
+        if not finite:
+            self.hyper_steps_skipped += 1
+            for n in sums:
+                vars[n].raw[0].grad = None
+        self._hg_ok = finite
+        self._hg_fused = {0}
+        self._hg_covered = {id(p) for p in params}
         return True
 
     def _hg_store(self, owners, acc) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -55,3 +57,23 @@ def assert_stacks_agree(m1, o1, m2, o2, rtol=1e-10, grad_rtol=1e-8):
         for n, v in x.hypergradients().items():
             if v is not None:
                 torch.testing.assert_close(v, y.hypergradients()[n], rtol=grad_rtol, atol=1e-14, msg=n)
+
+
+def same_bits(a, b, where=""):
+    """a and b equal, recursively: tensors bit for bit (dtype, shape, values; NaN where NaN)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b) or bool((torch.isnan(a) == torch.isnan(b)).all() and
+                                          (a[~torch.isnan(a)] == b[~torch.isnan(b)]).all()), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
+        for k in a:
+            same_bits(a[k], b[k], (where, k))
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same_bits(x, y, (where, i))
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    else:
+        assert a == b, (where, a, b)

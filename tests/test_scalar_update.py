@@ -14,7 +14,7 @@ import hypergrad as hg
 from hypergrad.core import F32_TINY, HyperOptimizer, f32
 from parameterized import MADA
 
-from helpers import MLP, loss_at
+from helpers import MLP, loss_at, same_bits as _same
 
 
 def _f32_samples(n, seed):
@@ -139,26 +139,6 @@ def _run(make, steps, fast: bool, monkeypatch):
     if not fast:  # the eager run is eager: the float path never took a group
         assert not any(calls), calls
     return model, opt, calls
-
-
-def _same(a, b, where):
-    """a and b equal, recursively: tensors bit for bit (dtype, shape, values; NaN where NaN)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b) or bool((torch.isnan(a) == torch.isnan(b)).all() and
-                                          (a[~torch.isnan(a)] == b[~torch.isnan(b)]).all()), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
-        for k in a:
-            _same(a[k], b[k], (where, k))
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, (where, i))
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), where
-    else:
-        assert a == b, (where, a, b)
 
 
 @pytest.mark.parametrize("name,make", _stacks(), ids=[n for n, _ in _stacks()])
