@@ -137,6 +137,56 @@ def test_step_and_state_dict_hooks_are_called():
     assert calls == [("pre", True), ("post", True)] * 2 + [("sd", True)]
 
 
+def test_step_hooks_global_hooks_new_args_and_a_subclass_step_run_once():
+    """hypergrad's step runs torch's step hooks itself (it enters torch's record_function only
+    where a profiler records): the optimizer's and the global ones, in torch's order, a pre-hook's
+    new arguments, and once for a subclass whose own step torch wraps."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    class Mine(hg.Adam):
+        def step(self, closure=None):
+            calls.append("mine")
+            return super().step(closure)
+    for cls in (hg.Adam, Mine):
+        model = MLP()
+        opt = cls(model.parameters(), hyper=hg.SGD(lr=1e-4))
+        calls = []
+        seen = []
+
+        def closure():
+            seen.append("closure")
+            return loss_at(model, 1)
+        handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre")),
+                   opt.register_step_pre_hook(lambda o, a, k: calls.append("pre") or ((a[0], closure), k)),
+                   opt.register_step_post_hook(lambda o, a, k: calls.append(("post", len(a)))),
+                   register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post"))]
+        try:
+            opt.zero_grad()
+            loss_at(model, 1).backward()
+            out = opt.step()  # the pre-hook hands step a closure
+        finally:
+            for h in handles:
+                h.remove()
+        assert seen == ["closure"] and torch.is_tensor(out)  # step returns the closure's loss
+        want = ["global pre", "pre"] + (["mine"] if cls is Mine else []) + [("post", 2), "global post"]
+        assert calls == want, (cls, calls)
+        assert (type(opt).step is hg.Adam.step) == (cls is hg.Adam) and getattr(type(opt).step, "hooked", False)
+    bad = hg.Adam(MLP().parameters(), hyper=hg.SGD(lr=1e-4))
+    bad.register_step_pre_hook(lambda o, a, k: "no")
+    with pytest.raises(RuntimeError, match="must return None or a tuple"):
+        bad.step()
+
+
+def test_the_step_is_named_in_a_profile():
+    model = MLP()
+    opt = hg.Adam(model.parameters(), hyper=hg.SGD(lr=1e-4))
+    train(model, opt, 1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train(model, opt, 1, start=1)
+    names = {e.name for e in prof.events()}
+    assert "Optimizer.step#Adam.step" in names, sorted(names)[:20]
+
+
 def test_clip_grad_norm_before_step():
     model = MLP()
     opt = hg.Adam(model.parameters(), lr=1e-2, hyper=hg.SGD(lr=1e-4))
