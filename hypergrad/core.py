@@ -86,26 +86,36 @@ def _owner(cls, name: str):
     return next((k for k in cls.__mro__ if name in k.__dict__), None)
 
 
-_SCALAR_UPDATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SCALAR_RULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _RULE_PARTS = ("update", "options", "init_state")
+# what a float closed form stands for: the rule's update and its closed form (a class whose
+# hyper_apply and hyper_coefficients are its own would use them instead of hyper_terms)
+_TERMS_PARTS = _RULE_PARTS + ("closed_form_ok", "hyper_terms", "hyper_apply", "hyper_coefficients")
+
+
+def _scalar_rule_of(cls, name: str, parts: tuple):
+    """``cls.<name>`` (a rule in floats) where ``cls`` uses the ``parts`` (class attributes) of
+    the class that defines it (a subclass that overrides one of them has its own rule, which
+    its parent's floats would not follow), else None."""
+    fn = getattr(cls, name, None)
+    if fn is None:
+        return None
+    # (the answer for these functions: class attributes can change)
+    key = (fn, *(getattr(cls, n, None) for n in parts))  # (functions compare by identity)
+    seen = _SCALAR_RULES.get(cls)
+    if seen is None or name not in seen or seen[name][0] != key:
+        owner = _owner(cls, name)
+        seen = _SCALAR_RULES.setdefault(cls, {})
+        seen[name] = (key, all(getattr(owner, n, None) is getattr(cls, n, None) for n in parts))
+    return fn if seen[name][1] else None
 
 
 def _scalar_update_of(cls):
     """``cls.scalar_update`` where the class that defines it also defines the ``update``,
-    ``options`` and ``init_state`` that ``cls`` uses (a subclass that overrides one of them has
-    its own rule, which the float update of its parent would not follow), else None."""
-    fn = getattr(cls, "scalar_update", None)
-    if fn is None:
-        return None
-    # (the answer for these functions: class attributes can change)
-    key = (fn, *(getattr(cls, n, None) for n in _RULE_PARTS))  # (functions compare by identity)
-    seen = _SCALAR_UPDATES.get(cls)
-    if seen is None or seen[0] != key:
-        owner = _owner(cls, "scalar_update")
-        seen = _SCALAR_UPDATES[cls] = (key, all(owner is _owner(cls, n) for n in _RULE_PARTS))
-    return fn if seen[1] else None
+    ``options`` and ``init_state`` that ``cls`` uses, else None."""
+    return _scalar_rule_of(cls, "scalar_update", _RULE_PARTS)
 
 
 def f32(x: float) -> float:
@@ -1035,10 +1045,23 @@ class HyperOptimizer(torch.optim.Optimizer):
         snaps = None
         if self._hg_learn:  # the hyperparameter values this step uses
             snaps = {}
+            # (copies, which the records keep: a value that neither it nor its copy has been
+            # written since the last step, one not learned, keeps the last step's copy)
+            kept = self.__dict__.setdefault("_hg_snaps_kept", {})
             for vars in self._hg_vars:
                 for hv in vars.values():
-                    if id(hv) not in snaps:
-                        snaps[id(hv)] = [v.detach().clone() for v in hv.value]
+                    if id(hv) in snaps:
+                        continue
+                    k = kept.get(id(hv))
+                    if k is not None and k[0] is hv and len(k[1]) == len(hv.value) and all(
+                            a is v and n == v._version and m == c._version
+                            for a, v, n, c, m in zip(k[1], hv.value, k[2], k[3], k[4])):
+                        snaps[id(hv)] = k[3]
+                        continue
+                    copies = [v.detach().clone() for v in hv.value]
+                    snaps[id(hv)] = copies
+                    kept[id(hv)] = (hv, list(hv.value), [v._version for v in hv.value], copies,
+                                    [c._version for c in copies])
         for gi in range(len(self.param_groups)):
             if gi in skip:
                 continue
@@ -1415,6 +1438,8 @@ class HyperOptimizer(torch.optim.Optimizer):
                 self._hg_ok = self._hg_agree(self._hg_grads_finite())
                 self._hg_covered = {id(p) for g in self.param_groups for p in g["params"]}
             return
+        if not fuse and self._hg_hypergrad_scalars():
+            return
         owners: list = []
         acc: dict[tuple[int, int], Tensor] = {}
 
@@ -1789,6 +1814,115 @@ class HyperOptimizer(torch.optim.Optimizer):
                "hf": hf}  # the values as floats, for the next step's scalars
         for st in states:
             st[_RECORD] = rec
+        return True
+
+    def _hg_hypergrad_scalars(self) -> bool:
+        """``_hg_hypergrad`` (after its warm-up) in Python floats where the level holds scalars
+        (a hyper level's): every group of the closed form, whose rule has ``scalar_hyper_terms``
+        (``_scalar_rule_of``), one-element float32 CPU parameters, gradients, records and saved
+        state; no shards, no clip. The same numbers as the general loop and ``_hg_store`` (tested
+        bit for bit): each term rounded as float32, the sum over a one-element tensor (``+ 0.0``:
+        torch's sum starts from +0), the terms of a value added in the parameters' order, the
+        raw-space gradients (``raw_grad_float``). False, with nothing written, where it does not
+        apply (a float32 subnormal on the way included)."""
+        fn = _scalar_rule_of(type(self), "scalar_hyper_terms", _TERMS_PARTS)
+        if fn is None or self._hg_shard_group is not None or getattr(self, "_hg_clip", None) is not None:
+            return False
+        f32t, lag = torch.float32, self._hg_lag
+        key = _PREV if lag else _RECORD
+        zero = set(self.zero_hypergrad_names)
+
+        def one(x):  # a one-element float32 CPU tensor's number, else None
+            if isinstance(x, Tensor) and x.dtype is f32t and x.is_cpu and x.numel() == 1 and \
+                    x.layout is torch.strided:
+                return x.item()
+            return None
+        acc: dict = {}  # (id(hv), idx) -> [hv, idx, snap, sum], in the order of the first term
+        hnum: dict = {}
+        covered: set[int] = set()
+        for gi, group in enumerate(self.param_groups):
+            vars, opts = self._hg_vars[gi], self._hg_opts[gi]
+            names = tuple(n for n, hv in vars.items() if hv.learned)
+            if not names:
+                continue
+            if self._hg_kind(gi) != "closed" or any(vars[n].value[0].dtype is not f32t for n in names):
+                return False
+            covers = not set(names) <= zero
+            neg = bool(opts.get("maximize"))
+            for i, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                rec = st.get(key) if st else None
+                if rec is None or p.grad is None:
+                    continue
+                if lag and rec["kind"] != "autograd" and "state" not in rec:
+                    continue  # (as the general loop: a record of the paper's order)
+                if rec["kind"] != "closed":
+                    return False
+                g = one(p.grad)
+                pc, sr = (rec["p"], rec["state"]) if "state" in rec else (p, st)
+                xp = one(pc)
+                if g is None or xp is None:
+                    return False
+                h = {}
+                for n, v in rec["h"].items():  # (the records of a step share their copies)
+                    x = hnum.get(id(v))
+                    if x is None:
+                        x = hnum[id(v)] = one(v)
+                        if x is None:
+                            return False
+                    h[n] = x
+                sf = {}
+                for k, v in sr.items():
+                    if k.startswith("hg_") and k not in (_RECORD, _PREV):
+                        sf[k] = one(v)
+                        if sf[k] is None:
+                            return False
+                terms = fn(-g if neg else g, xp, sf, h, opts, names)
+                if terms is None:
+                    return False
+                m = rec["mask"]
+                if m is not None and not (m.dtype is torch.bool and m.numel() == 1):
+                    return False
+                kept = m is None or bool(m.item())
+                for n in names:
+                    t = terms.get(n)
+                    # torch.where(mask, t, 0), then the sum over one element (from +0)
+                    val = (t if t is not None and kept else 0.0) + 0.0
+                    hv = vars[n]
+                    idx = 0 if len(hv.value) == 1 else i
+                    a = acc.get((id(hv), idx))
+                    if a is None:
+                        acc[(id(hv), idx)] = [hv, idx, rec["h"][n], val]
+                    else:
+                        a[3] = f32(a[3] + val)
+                        if _subnormal(a[3]):
+                            return False
+                if covers:
+                    covered.add(id(p))
+        # (from here on as _hg_store)
+        finite = True
+        for hv, idx, snap, val in acc.values():
+            v = hv.value[idx]
+            gq = torch.scalar_tensor(val, dtype=f32t, device=v.device)
+            hv.grad[idx] = gq
+            r = hv.raw[idx]
+            if not hv.transform.name:
+                r.grad = gq if r.dtype is f32t else gq.to(r.dtype)
+            else:
+                x = hv.transform.raw_grad_float(val, snap.item()) \
+                    if r.dtype is f32t and snap.dtype is f32t and not snap.dim() and not r.dim() else None
+                if x is None:
+                    raw_grad = gq * hv.transform.dq_dz(snap.to(f32t))
+                    r.grad = raw_grad if raw_grad.dtype == r.dtype else raw_grad.to(r.dtype)
+                else:
+                    r.grad = torch.scalar_tensor(x, dtype=r.dtype, device=r.device)
+            finite = finite and math.isfinite(val)
+        if not finite:
+            self.hyper_steps_skipped += 1
+            for hv, idx, _, _ in acc.values():
+                hv.raw[idx].grad = None
+        self._hg_covered = covered
+        self._hg_ok = finite
         return True
 
     def _hg_onepass_steady(self, check: bool) -> bool:

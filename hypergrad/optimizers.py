@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._onepass import AdamOnePass as _AdamOnePass
-from .core import F32_TINY, Hyper, HyperOptimizer, f32
+from .core import F32_TINY, Hyper, HyperOptimizer, _subnormal, f32
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "NAdam", "Adan", "Yogi",
            "Lion", "Adafactor", "OPTIMIZERS"]
@@ -223,6 +223,17 @@ class SGD(_HO):
             if 0.0 < abs(v) < F32_TINY:
                 return None
         return x
+
+    @staticmethod
+    def scalar_hyper_terms(gt: float, p: float, s: dict, h: dict, o: dict, names) -> dict | None:
+        """``hyper_terms`` of a one-element float32 parameter, in floats (``f32``): lr's
+        ``-g_t d_s`` with ``d_s`` the gradient saved; None with momentum or weight decay, for
+        another name, or where a number is a float32 subnormal."""
+        if o["momentum"] or o["wd"] or any(n != "lr" for n in names):
+            return None
+        ge = s["hg_gprev"]
+        t = f32(-gt * ge)
+        return None if _subnormal(gt, ge, t) else {"lr": t}
 
     @staticmethod
     def hyper_terms(gt, p, s, h, o, names):

@@ -65,6 +65,9 @@ def same_bits(a, b, where=""):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
         assert torch.equal(a, b) or bool((torch.isnan(a) == torch.isnan(b)).all() and
                                           (a[~torch.isnan(a)] == b[~torch.isnan(b)]).all()), where
+        if a.is_floating_point():  # the sign of zero too (NaN's sign aside)
+            keep = ~torch.isnan(a)
+            assert torch.equal(torch.signbit(a[keep]), torch.signbit(b[keep])), (where, "sign of zero")
     elif isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
         for k in a:

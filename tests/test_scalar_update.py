@@ -14,7 +14,7 @@ import hypergrad as hg
 from hypergrad.core import F32_TINY, HyperOptimizer, f32
 from parameterized import MADA
 
-from helpers import MLP, loss_at, same_bits as _same
+from helpers import MLP, loss_at, same_bits, same_bits as _same
 
 
 def _f32_samples(n, seed):
@@ -129,22 +129,31 @@ def _run(make, steps, fast: bool, monkeypatch):
             kinds.append((kind, done))
             return done
         m.setattr(HyperOptimizer, "_hg_update_scalars", counted)
+        terms = HyperOptimizer._hg_hypergrad_scalars
+
+        def counted_terms(self):
+            done = terms(self)
+            _run.terms.append(done)
+            return done
+        _run.terms = []
+        m.setattr(HyperOptimizer, "_hg_hypergrad_scalars", counted_terms)
         if not fast:
             m.setattr(hg.SGD, "scalar_update", None)
+            m.setattr(hg.SGD, "scalar_hyper_terms", None)
         for t in range(1, steps + 1):
             opt.zero_grad()
             loss_at(model, t).backward()
             opt.step()
     _run.kinds = kinds
     if not fast:  # the eager run is eager: the float path never took a group
-        assert not any(calls), calls
+        assert not any(calls) and not any(_run.terms), (calls, _run.terms)
     return model, opt, calls
 
 
 @pytest.mark.parametrize("name,make", _stacks(), ids=[n for n, _ in _stacks()])
 def test_scalar_levels_step_as_the_eager_path(name, make, monkeypatch):
     ma, oa, calls = _run(make, 12, True, monkeypatch)
-    kinds = _run.kinds
+    kinds, terms = _run.kinds, _run.terms
     mb, ob, _ = _run(make, 12, False, monkeypatch)
     if name == "sgd-momentum-top":  # a state: the eager path
         assert calls and not any(calls)
@@ -156,6 +165,10 @@ def test_scalar_levels_step_as_the_eager_path(name, make, monkeypatch):
         assert oa.levels[1].steps_skipped == ob.levels[1].steps_skipped > 0
     elif "sgd-sgd" in name or name == "adam-sgd-maximize-sgd":  # the middle SGD level learns its lr: records
         assert sum(done for kind, done in kinds if kind == "closed") >= 8, kinds
+    if "sgd-sgd" in name or name == "adam-sgd-maximize-sgd":  # and its hyper-gradients in floats
+        assert sum(terms) >= 8, terms
+    elif name == "sgd-momentum-middle":  # (its closed form reads the momentum buffer; before its
+        assert not any(terms[4:]), terms  # first records, from step 3, there is nothing to compute)
     for a, b in zip(ma.parameters(), mb.parameters()):
         assert torch.equal(a, b)
     for la, lb in zip(oa.levels, ob.levels):
@@ -301,3 +314,70 @@ def test_a_bottom_level_of_one_element_parameters_that_learns_steps_as_the_eager
     assert _scalar_update_of(Later) is not None
     Later.update = staticmethod(lambda p, g, s, h, o: (p - h["lr"] * g, {}))  # a rule of its own, later
     assert _scalar_update_of(Later) is None
+
+
+@pytest.mark.parametrize("flush", [False, True], ids=["denormals", "flush_denormal"])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_middle_level_float_hypergradients_are_the_tensor_ones(maximize, flush, monkeypatch):
+    """A middle level's hyper-gradients from ``_hg_hypergrad_scalars`` and from the general loop,
+    on the same records with random gradients and saved gradients over the float32 range (all
+    zero: the sign of the sum's zero; huge: an overflow, dropped and counted): bit for bit."""
+    model = MLP(dtype=torch.float32)
+    opt = hg.Adam(list(model.parameters()), lr=1e-2, one_pass=True,
+                  hyper=hg.SGD(lr=1e-3, maximize=maximize, hyper=hg.SGD(lr=1e-6)))
+    for t in range(1, 6):
+        opt.zero_grad()
+        loss_at(model, t).backward()
+        opt.step()
+    mid = opt.levels[1]
+    ps = mid.param_groups[0]["params"]
+    saved = [mid.state[p]["hg_record_prev"]["state"]["hg_gprev"] for p in ps]
+    gen = torch.Generator().manual_seed(3)
+    hv = mid._hg_vars[0]["lr"]
+
+    def outcome(before):
+        return ([x.clone() if x is not None else None for x in hv.grad],
+                [r.grad.clone() if r.grad is not None else None for r in hv.raw], mid.hyper_steps_skipped - before,
+                mid._hg_ok)
+    zeros = huge = declined = 0
+    for trial in range(300):
+        kind = trial % 6
+        for j, (p, s) in enumerate(zip(ps, saved)):
+            if kind == 0:  # all zero
+                p.grad = torch.zeros_like(p)
+            elif kind == 2:  # normal terms whose sum is subnormal (which flush_denormal flushes)
+                p.grad = torch.full_like(p, [1.25 * 2.0 ** -125, -2.0 ** -125, 0.0][j])
+                s.fill_(1.0)
+            elif kind == 1:  # an overflow of the products or of their sum
+                p.grad = torch.full_like(p, 3e38 * (1 if torch.rand(1, generator=gen) < 0.5 else -1))
+                s.fill_(2.0)
+            else:
+                e = torch.randint(-60, 60, (1,), generator=gen).item()
+                p.grad = (torch.randn(p.shape, generator=gen) * 2.0 ** e).to(torch.float32)
+                s.fill_(float(torch.randn(1, generator=gen)) * 2.0 ** torch.randint(-60, 60, (1,), generator=gen).item())
+        before = mid.hyper_steps_skipped
+        torch.set_flush_denormal(flush)
+        try:
+            took = mid._hg_hypergrad_scalars()
+        finally:
+            torch.set_flush_denormal(False)
+        if not took:  # a subnormal on the way: the general loop computes it
+            assert kind == 2, trial
+            declined += 1
+            continue
+        fast = outcome(before)
+        before = mid.hyper_steps_skipped
+        with monkeypatch.context() as m:
+            m.setattr(hg.SGD, "scalar_hyper_terms", None)
+            torch.set_flush_denormal(flush)
+            try:
+                assert not mid._hg_hypergrad_scalars()
+                mid._hg_hypergrad()
+            finally:
+                torch.set_flush_denormal(False)
+        same_bits(fast, outcome(before), trial)
+        zeros += kind == 0
+        huge += not fast[3]
+    # each happened; under flush_denormal the float32 rounding (struct's conversion) flushes a
+    # subnormal sum to zero as torch does, so nothing is declined there
+    assert zeros and huge and declined == (0 if flush else 50)
