@@ -34,6 +34,7 @@ import math
 import struct
 import weakref
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
@@ -367,7 +368,7 @@ def _step_hooks(step):
         if type(self).step is not wrapper:  # (a subclass's step, in torch's wrapper)
             return step(self, *args, **kwargs)
         args = (self,) + args
-        for hook in (*pre.values(), *self._optimizer_step_pre_hooks.values()):
+        for hook in chain(pre.values(), self._optimizer_step_pre_hooks.values()):  # (live, as torch)
             result = hook(self, args, kwargs)
             if result is not None:
                 if isinstance(result, tuple) and len(result) == 2:
@@ -377,7 +378,7 @@ def _step_hooks(step):
                                        f"{result}.")
         out = step(*args, **kwargs)
         self._optimizer_step_code()
-        for hook in (*self._optimizer_step_post_hooks.values(), *post.values()):
+        for hook in chain(self._optimizer_step_post_hooks.values(), post.values()):
             hook(self, args, kwargs)
         return out
 
@@ -1045,23 +1046,10 @@ class HyperOptimizer(torch.optim.Optimizer):
         snaps = None
         if self._hg_learn:  # the hyperparameter values this step uses
             snaps = {}
-            # (copies, which the records keep: a value that neither it nor its copy has been
-            # written since the last step, one not learned, keeps the last step's copy)
-            kept = self.__dict__.setdefault("_hg_snaps_kept", {})
             for vars in self._hg_vars:
                 for hv in vars.values():
-                    if id(hv) in snaps:
-                        continue
-                    k = kept.get(id(hv))
-                    if k is not None and k[0] is hv and len(k[1]) == len(hv.value) and all(
-                            a is v and n == v._version and m == c._version
-                            for a, v, n, c, m in zip(k[1], hv.value, k[2], k[3], k[4])):
-                        snaps[id(hv)] = k[3]
-                        continue
-                    copies = [v.detach().clone() for v in hv.value]
-                    snaps[id(hv)] = copies
-                    kept[id(hv)] = (hv, list(hv.value), [v._version for v in hv.value], copies,
-                                    [c._version for c in copies])
+                    if id(hv) not in snaps:
+                        snaps[id(hv)] = [v.detach().clone() for v in hv.value]
         for gi in range(len(self.param_groups)):
             if gi in skip:
                 continue
@@ -1549,7 +1537,7 @@ class HyperOptimizer(torch.optim.Optimizer):
             rec = self.state[self.param_groups[0]["params"][0]][_RECORD]
             self._hg_plan = [self._hg_vars[0], self._hg_opts[0], type(self).one_pass_kernel,
                              self._hg_onepass_memo[0], rec, learned,
-                             tuple(n for n, hv in self._hg_vars[0].items() if hv.learned), {}]
+                             tuple(n for n, hv in self._hg_vars[0].items() if hv.learned)]
 
     def _hg_grads_finite(self) -> bool:
         """Whether the gradients of this (bottom) level that no hyper-gradient covered are finite
@@ -1845,7 +1833,9 @@ class HyperOptimizer(torch.optim.Optimizer):
             names = tuple(n for n, hv in vars.items() if hv.learned)
             if not names:
                 continue
-            if self._hg_kind(gi) != "closed" or any(vars[n].value[0].dtype is not f32t for n in names):
+            # (a compiled group's sums are inductor's; element values keep the parameter's shape)
+            if self._hg_kind(gi) != "closed" or (not lag and self._hg_compiles(gi)) or \
+                    any(vars[n].value[0].dtype is not f32t or vars[n].scope == "element" for n in names):
                 return False
             covers = not set(names) <= zero
             neg = bool(opts.get("maximize"))
@@ -1936,7 +1926,7 @@ class HyperOptimizer(torch.optim.Optimizer):
         plan = getattr(self, "_hg_plan", None)
         if plan is None:
             return False
-        vars, opts, fn, memo, rec, learned, names, _ = plan
+        vars, opts, fn, memo, rec, learned, names = plan
         if len(self.param_groups) != 1 or self._hg_vars[0] is not vars or self._hg_opts[0] is not opts or \
                 self._hg_kinds.get(0) != "closed" or self._hg_t <= self._hg_warmup or \
                 self._hg_shard_group is not None or self._hg_clip is not None or self._hg_proj or \
@@ -1951,23 +1941,25 @@ class HyperOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         if any(st is None or st.get(_RECORD) is not rec for st in states) or any(g is None for g in grads):
             return False
-        memo.pop("passed", None)
-        if not fn.applies(params, grads, states, memo):
-            return False
-        step = self._hg_common_step(0, states, "hyper_coefficients")
-        if step is None:
-            return False
-        memo["passed"] = (self._hg_step_id, tuple(map(id, grads)))
+        # (anything that raises, nothing written yet: the general code runs it under _hg_try,
+        # which falls back and says so)
         h = rec["h"]
-        hc = self._hg_float_scalars(0, "hyper_coefficients", h, rec.get("hf") or {n: float(x) for n, x in h.items()},
-                                    step, 0)
-        hf, c = self._hg_now_scalars(0, step)
-        # (from here on as _hg_hypergrad: its kernel's route, then _hg_store)
-        self._hg_fused = set()
-        self._hg_summed = set()
-        self._hg_covered = set()
-        self._hg_grads_bad = False
-        try:  # (as _hg_try: where the kernel cannot run, the general code finds out and says so)
+        try:
+            memo.pop("passed", None)
+            if not fn.applies(params, grads, states, memo):
+                return False
+            step = self._hg_common_step(0, states, "hyper_coefficients")
+            if step is None:
+                return False
+            memo["passed"] = (self._hg_step_id, tuple(map(id, grads)))
+            hc = self._hg_float_scalars(0, "hyper_coefficients", h,
+                                        rec.get("hf") or {n: float(x) for n, x in h.items()}, step, 0)
+            hf, c = self._hg_now_scalars(0, step)
+            # (from here on as _hg_hypergrad: its kernel's route, then _hg_store)
+            self._hg_fused = set()
+            self._hg_summed = set()
+            self._hg_covered = set()
+            self._hg_grads_bad = False
             sums = fn.run(params, grads, states, hc, c, opts, names, memo=memo, check=check)
         except MemoryError:
             raise
@@ -1980,20 +1972,8 @@ class HyperOptimizer(torch.optim.Optimizer):
             self._hg_grads_bad = True
             return True
         _onepass.advance_steps(states, memo)
-        # the values this update used (the step runs under no_grad: a clone needs no detach); a
-        # value not learned keeps the last record's copy where neither has been written since
-        hnew = {}
-        kept = plan[7]
-        for n, hv in vars.items():
-            v = hv.value[0]
-            k = kept.get(n)
-            if k is not None and k[0] is v and k[1] == v._version and k[3] == k[2]._version:
-                hnew[n] = k[2]
-                continue
-            hnew[n] = x = v.clone()
-            if not hv.learned:
-                kept[n] = (v, v._version, x, x._version)
-        new = {"kind": "closed", "h": hnew, "mask": None, "hf": hf}
+        # the values this update used (the step runs under no_grad: a copy needs no detach)
+        new = {"kind": "closed", "h": {n: hv.value[0].clone() for n, hv in vars.items()}, "mask": None, "hf": hf}
         for st in states:
             st[_RECORD] = new
         plan[4] = new

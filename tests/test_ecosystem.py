@@ -177,6 +177,30 @@ def test_step_hooks_global_hooks_new_args_and_a_subclass_step_run_once():
         bad.step()
 
 
+def test_a_hook_that_removes_itself_as_in_torch():
+    """The hooks are iterated as torch iterates them (live): a pre-hook that removes itself
+    during the step does what it does to a torch optimizer."""
+    outcomes = []
+    for make in (lambda ps: torch.optim.SGD(ps, lr=1e-3), lambda ps: hg.SGD(ps, lr=1e-3, hyper=hg.SGD(lr=1e-6))):
+        model = MLP()
+        opt = make(model.parameters())
+        calls = []
+        handle = None
+
+        def once(o, a, k):
+            calls.append("once")
+            handle.remove()
+        handle = opt.register_step_pre_hook(once)
+        opt.register_step_pre_hook(lambda o, a, k: calls.append("second"))
+        loss_at(model, 1).backward()
+        try:
+            opt.step()
+            outcomes.append(("ok", calls))
+        except RuntimeError as e:
+            outcomes.append((str(e), calls))
+    assert outcomes[0] == outcomes[1], outcomes
+
+
 def test_the_step_is_named_in_a_profile():
     model = MLP()
     opt = hg.Adam(model.parameters(), hyper=hg.SGD(lr=1e-4))

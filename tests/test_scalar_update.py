@@ -381,3 +381,35 @@ def test_middle_level_float_hypergradients_are_the_tensor_ones(maximize, flush, 
     # each happened; under flush_denormal the float32 rounding (struct's conversion) flushes a
     # subnormal sum to zero as torch does, so nothing is declined there
     assert zeros and huge and declined == (0 if flush else 50)
+
+
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "1-element"])
+@pytest.mark.parametrize("scope", ["element", "tensor", "group"])
+@pytest.mark.parametrize("height", [2, 3])
+def test_a_level_of_scalars_of_any_scope_steps_as_the_eager_path(height, scope, shape, monkeypatch):
+    """An SGD level of one-element parameters learning its lr per element, per tensor or per
+    group (the bottom level, or the middle one of three): the float hyper-gradients (where they
+    apply) are the general loop's, shapes included."""
+    def run(fast):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(shape, generator=g)) for _ in range(3)]
+        top = hg.SGD(lr=1e-6)
+        if height == 2:
+            opt = hg.SGD(ps, lr=1e-2, scope={"lr": scope}, hyper=top)
+        else:
+            opt = hg.Adam(ps, lr=1e-2, hyper=hg.SGD(lr=1e-3, scope={"lr": scope}, hyper=top))
+        with monkeypatch.context() as m:
+            if not fast:
+                m.setattr(hg.SGD, "scalar_hyper_terms", None)
+                m.setattr(hg.SGD, "scalar_update", None)
+            for t in range(1, 9):
+                opt.zero_grad()
+                sum(((p - 0.1 * t) ** 2).sum() for p in ps).backward()
+                opt.step()
+        return ps, opt
+    (pa, oa), (pb, ob) = run(True), run(False)
+    same_bits(list(pa), list(pb), "model")
+    for la, lb in zip(oa.levels, ob.levels):
+        same_bits(la.hyperparameters(), lb.hyperparameters(), (scope, "values"))
+        same_bits(la.hypergradients(), lb.hypergradients(), (scope, "hypergradients"))
+        same_bits(la.state_dict(), lb.state_dict(), (scope, "state_dict"))

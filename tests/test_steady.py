@@ -59,6 +59,8 @@ def _event(name, t, model, opt):
     elif name == "eps-written" and t == 6:  # a value not learned, written in place
         opt.param_groups[0]["eps"].fill_(1e-4) if torch.is_tensor(opt.param_groups[0]["eps"]) else \
             opt.param_groups[0].__setitem__("eps", 1e-4)
+    elif name == "eps-data-written" and t == 6:  # through .data: no version counter sees it
+        opt.param_groups[0]["eps"].data.fill_(1e-4)
     elif name == "state-replaced" and t == 6:
         opt.state[w1]["exp_avg"] = opt.state[w1]["exp_avg"].clone()
     elif name == "step-written" and t == 6:  # a step counter written in place
@@ -99,8 +101,13 @@ def _run(make, steps, fast, event=None, monkeypatch=None):
 def _compare(ma, oa, mb, ob, where):
     same_bits(list(ma.parameters()), list(mb.parameters()), (where, "model"))
     for la, lb in zip(oa.levels, ob.levels):
-        for attr in ("steps_skipped", "hyper_steps_skipped", "_hg_t", "_hg_ok"):
-            assert getattr(la, attr) == getattr(lb, attr), (where, attr)
+        for attr in ("steps_skipped", "hyper_steps_skipped", "_hg_t", "_hg_ok", "_hg_fused", "_hg_summed",
+                     "_hg_grads_bad"):
+            assert getattr(la, attr, None) == getattr(lb, attr, None), (where, attr)
+        # the gradients the hyper-gradients covered (by position: the runs have their own tensors)
+        pos = [{i for i, p in enumerate(q for g in lv.param_groups for q in g["params"])
+                if id(p) in getattr(lv, "_hg_covered", ())} for lv in (la, lb)]
+        assert pos[0] == pos[1], (where, "covered")
         for gi in range(len(la.param_groups)):
             same_bits(la.hyperparameters(gi), lb.hyperparameters(gi), (where, "values"))
             same_bits(la.hypergradients(gi), lb.hypergradients(gi), (where, "hypergradients"))
@@ -124,7 +131,8 @@ def test_steady_steps_are_the_general_steps(name, monkeypatch):
     _compare(ma, oa, mb, ob, name)
 
 
-EVENTS = ["nan-gradient", "missing-gradient", "huge-gradients", "lr-assigned", "eps-written", "state-replaced",
+EVENTS = ["nan-gradient", "missing-gradient", "huge-gradients", "lr-assigned", "eps-written", "eps-data-written",
+          "state-replaced",
           "step-written", "record-replaced", "snapshot-written", "reloaded", "grads-kept"]
 
 
@@ -181,3 +189,27 @@ def test_raw_grad_float_is_the_tensor_product(transform, flush):
 
 def test_identity_transform_raw_grad_is_the_gradient():
     assert _TRANSFORMS[None].raw_grad_float(2.5, 0.3) == 2.5
+
+
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_steps_under_inference_mode_are_the_steps(one_pass):
+    """A step under torch.inference_mode (its copies are inference tensors, which keep no
+    version counter) computes what a step under no_grad computes."""
+    runs = []
+    for inference in (False, True):
+        model = MLP(dtype=torch.float32)
+        opt = _one_pass(list(model.parameters()), one_pass=one_pass)
+        for t in range(1, 9):
+            opt.zero_grad()
+            loss_at(model, t).backward()
+            if inference:
+                with torch.inference_mode():
+                    opt.step()
+            else:
+                opt.step()
+        runs.append((model, opt))
+    (ma, oa), (mb, ob) = runs
+    same_bits(list(ma.parameters()), list(mb.parameters()), "model")
+    for la, lb in zip(oa.levels, ob.levels):
+        same_bits(la.hyperparameters(), lb.hyperparameters(), "values")
+        same_bits(la.hypergradients(), lb.hypergradients(), "hypergradients")
