@@ -136,6 +136,23 @@ def _subnormal(*xs: float) -> bool:
     return any(0.0 < abs(x) < F32_TINY for x in xs)
 
 
+def _raw_grad(transform: "_Transform", gq: Tensor, snap: Tensor, r: Tensor) -> Tensor:
+    """The raw tensor ``r``'s gradient from the value-space hyper-gradient ``gq``: ``gq dq/dz`` at
+    ``snap`` (the value the update used), in ``r``'s dtype; in floats where all are 0-dim
+    float32 CPU tensors (``raw_grad_float``: the same number, one tensor made where the
+    product took three operations)."""
+    if not transform.name:
+        return gq if gq.dtype == r.dtype else gq.to(r.dtype)
+    f32t = torch.float32
+    if gq.dtype is f32t and snap.dtype is f32t and r.dtype is f32t and gq.is_cpu and snap.is_cpu and \
+            not gq.dim() and not snap.dim() and not r.dim():
+        x = transform.raw_grad_float(gq.item(), snap.item())
+        if x is not None:
+            return torch.scalar_tensor(x, dtype=f32t, device=r.device)
+    raw = gq * transform.dq_dz(snap.to(gq.dtype))
+    return raw if raw.dtype == r.dtype else raw.to(r.dtype)
+
+
 def _shares(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors share memory (a view, or the same tensor)."""
     return a is b or (a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
@@ -1889,30 +1906,11 @@ class HyperOptimizer(torch.optim.Optimizer):
                             return False
                 if covers:
                     covered.add(id(p))
-        # (from here on as _hg_store)
-        finite = True
-        for hv, idx, snap, val in acc.values():
-            v = hv.value[idx]
-            gq = torch.scalar_tensor(val, dtype=f32t, device=v.device)
-            hv.grad[idx] = gq
-            r = hv.raw[idx]
-            if not hv.transform.name:
-                r.grad = gq if r.dtype is f32t else gq.to(r.dtype)
-            else:
-                x = hv.transform.raw_grad_float(val, snap.item()) \
-                    if r.dtype is f32t and snap.dtype is f32t and not snap.dim() and not r.dim() else None
-                if x is None:
-                    raw_grad = gq * hv.transform.dq_dz(snap.to(f32t))
-                    r.grad = raw_grad if raw_grad.dtype == r.dtype else raw_grad.to(r.dtype)
-                else:
-                    r.grad = torch.scalar_tensor(x, dtype=r.dtype, device=r.device)
-            finite = finite and math.isfinite(val)
-        if not finite:
-            self.hyper_steps_skipped += 1
-            for hv, idx, _, _ in acc.values():
-                hv.raw[idx].grad = None
         self._hg_covered = covered
-        self._hg_ok = finite
+        self._hg_ok = self._hg_store(
+            [(hv, idx, snap) for hv, idx, snap, _ in acc.values()],
+            {(id(hv), idx): torch.scalar_tensor(val, dtype=f32t, device=hv.value[idx].device)
+             for hv, idx, _, val in acc.values()})
         return True
 
     def _hg_onepass_steady(self, check: bool) -> bool:
@@ -1979,34 +1977,13 @@ class HyperOptimizer(torch.optim.Optimizer):
         plan[4] = new
         for hv in learned:
             hv.grad = [None]
-        finite = True
-        f32t = torch.float32
-        for n, val in sums.items():
+        owners, acc = [], {}
+        for n, val in sums.items():  # (as _hg_add_kernel_sums)
             hv = vars[n]
             v = hv.value[0]
-            gq = torch.scalar_tensor(val, dtype=v.dtype, device=v.device)
-            hv.grad = [gq]
-            r = hv.raw[0]
-            if not hv.transform.name:
-                r.grad = gq if gq.dtype == r.dtype else gq.to(r.dtype)
-            else:
-                # raw-space gradient gq * dq/dz at the value the update used, in floats where
-                # they are 0-dim float32 CPU tensors (hv.transform.raw_grad_float: the same number)
-                sn, x = h[n], None
-                if gq.dtype is f32t and sn.dtype is f32t and r.dtype is f32t and sn.is_cpu and not sn.dim() \
-                        and not r.dim():
-                    x = hv.transform.raw_grad_float(gq.item(), sn.item())
-                if x is None:
-                    raw_grad = gq * hv.transform.dq_dz(sn.to(gq.dtype))
-                    r.grad = raw_grad if raw_grad.dtype == r.dtype else raw_grad.to(r.dtype)
-                else:
-                    r.grad = torch.scalar_tensor(x, dtype=r.dtype, device=r.device)
-            finite = finite and math.isfinite(gq.item())
-        if not finite:
-            self.hyper_steps_skipped += 1
-            for n in sums:
-                vars[n].raw[0].grad = None
-        self._hg_ok = finite
+            owners.append((hv, 0, h[n]))
+            acc[(id(hv), 0)] = torch.scalar_tensor(val, dtype=v.dtype, device=v.device)
+        self._hg_ok = self._hg_store(owners, acc)
         self._hg_fused = {0}
         self._hg_covered = {id(p) for p in params}
         return True
@@ -2046,9 +2023,8 @@ class HyperOptimizer(torch.optim.Optimizer):
             hv.grad[idx] = gq
             if clip is not None:  # the level above receives a clipped hyper-gradient
                 gq = gq * torch.clamp(clip / (torch.linalg.vector_norm(gq) + 1e-30), max=1.0)
-            raw_grad = gq * hv.transform.dq_dz(snap.to(gq.dtype)) if hv.transform.name else gq
             r = hv.raw[idx]
-            r.grad = raw_grad if raw_grad.dtype == r.dtype else raw_grad.to(r.dtype)
+            r.grad = _raw_grad(hv.transform, gq, snap, r)
         if acc:  # one check (and one host sync) per level: NaN/inf anywhere makes the sum non-finite
             vals = list(acc.values())
             if all(v.dim() == 0 and v.is_cpu for v in vals):
