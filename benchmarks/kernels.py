@@ -37,15 +37,25 @@ import hypergrad._onepass as adam_kernels  # noqa: E402
 import parameterized._onepass as mada_kernels  # noqa: E402
 
 
-def best(fns: dict, rounds: int, calls: int) -> dict:
-    """The minimum over ``rounds`` of the mean time of ``calls`` calls, round-robin."""
+def best(fns: dict, rounds: int, calls: int, before=None) -> dict:
+    """The minimum over ``rounds`` of the mean time of ``calls`` calls, round-robin.
+    ``before``: called before each call, outside its time."""
     out = {k: float("inf") for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
-            t = time.perf_counter()
-            for _ in range(calls):
-                f()
-            out[k] = min(out[k], (time.perf_counter() - t) / calls)
+            if before is None:
+                t = time.perf_counter()
+                for _ in range(calls):
+                    f()
+                total = time.perf_counter() - t
+            else:
+                total = 0.0
+                for _ in range(calls):
+                    before()
+                    t = time.perf_counter()
+                    f()
+                    total += time.perf_counter() - t
+            out[k] = min(out[k], total / calls)
     return out
 
 
@@ -117,27 +127,11 @@ def fixed(n, rounds, cold=False):
     for o in opts.values():
         for _ in range(30):
             o.step()
-    calls = 100
+    before, calls = None, 100
     if cold:
-        calls = 20
         buf = torch.zeros(16 << 20)  # 64 MiB: twice the L3 cache of the machine of docs/benchmarks.md
-
-        def timed(f):
-            def g():
-                total = 0.0
-                for _ in range(calls):
-                    buf.add_(1.0)
-                    t = time.perf_counter()
-                    f()
-                    total += time.perf_counter() - t
-                return total / calls
-            return g
-        t = {k: float("inf") for k in opts}
-        for _ in range(rounds):
-            for k, o in opts.items():
-                t[k] = min(t[k], timed(o.step)())
-    else:
-        t = best({k: o.step for k, o in opts.items()}, rounds, calls)
+        before, calls = (lambda: buf.add_(1.0)), 20
+    t = best({k: o.step for k, o in opts.items()}, rounds, calls, before)
     print(f"\nwhole steps, {n:,} parameters in 8 tensors, {torch.get_num_threads()} thread(s)"
           f"{', caches emptied before each step' if cold else ''}: ms (minimum of {rounds} rounds of {calls})")
     for k, v in t.items():

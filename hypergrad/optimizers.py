@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._onepass import AdamOnePass as _AdamOnePass
-from .core import F32_TINY, Hyper, HyperOptimizer, _subnormal, f32
+from .core import Hyper, HyperOptimizer, _subnormal, f32
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "NAdam", "Adan", "Yogi",
            "Lion", "Adafactor", "OPTIMIZERS"]
@@ -219,10 +219,7 @@ class SGD(_HO):
         lr = h["lr"]
         u = f32(lr * g)
         x = f32(p - u)
-        for v in (p, g, lr, u, x):
-            if 0.0 < abs(v) < F32_TINY:
-                return None
-        return x
+        return None if _subnormal(p, g, lr, u, x) else x
 
     @staticmethod
     def scalar_hyper_terms(gt: float, p: float, s: dict, h: dict, o: dict, names) -> dict | None:
